@@ -1,0 +1,129 @@
+"""Likelihoods p_θ(x|z) as TFP distributions over the whole data shape.
+
+Each likelihood is a Keras layer (so learned parameters such as σ are tracked and saved)
+whose ``distribution(params)`` turns the decoder output into
+``tfd.Independent(..., reinterpreted_batch_ndims=len(data_shape))``: ``log_prob`` sums over
+every data element and gives nats per example.
+
+- ``bernoulli``: params are logits ℓ; −log p(x|z) = Σ BCE(x, sigmoid ℓ), computed from the
+  logits (never from probabilities passed through a log).
+- ``continuous_bernoulli``: for [0, 1] data that is not binary (Loaiza-Ganem & Cunningham, 2019).
+- ``gaussian``: N(μ_θ(z), σ²I); −log p = ‖x − μ‖²/(2σ²) + (D/2) log(2πσ²). σ fixed
+  (``learn_sigma="none"``), or learned as one shared value or one per data element.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+from keras import ops
+
+tfd = tfp.distributions
+
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
+SIGMA_MODES = ("none", "shared", "per_pixel")
+
+
+class Likelihood(keras.layers.Layer):
+    """Base class: ``distribution(params)`` → p_θ(x|z); ``check_support(x)`` → assertions."""
+
+    def build(self, data_shape):
+        self.event_ndims = len(data_shape)
+        self.built = True
+
+    def _independent(self, base):
+        return tfd.Independent(base, reinterpreted_batch_ndims=self.event_ndims)
+
+    def check_support(self, x):
+        """Raises (in graph or eager mode) unless every x is a value p(x|z) can take."""
+        return [tf.debugging.assert_all_finite(x, "keras_vae: the batch contains NaN or inf")]
+
+
+class _UnitIntervalLikelihood(Likelihood):
+    def check_support(self, x):
+        message = f"keras_vae: the {self.name} likelihood needs data in [0, 1]"
+        return super().check_support(x) + [
+            tf.debugging.assert_greater_equal(x, ops.cast(0, x.dtype), message=message),
+            tf.debugging.assert_less_equal(x, ops.cast(1, x.dtype), message=message),
+        ]
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class BernoulliLikelihood(_UnitIntervalLikelihood):
+    """p(x|z) = Π Bernoulli(x_i; sigmoid ℓ_i); the decoder outputs logits ℓ."""
+
+    def __init__(self, name="bernoulli", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def distribution(self, params):
+        logits = ops.cast(params, "float32")
+        return self._independent(tfd.Bernoulli(logits=logits, dtype=logits.dtype))
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
+    """p(x|z) = Π CB(x_i; λ_i) with logits ℓ = logit λ; normalized density on [0, 1]."""
+
+    def __init__(self, name="continuous_bernoulli", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def distribution(self, params):
+        logits = ops.cast(params, "float32")
+        return self._independent(tfd.ContinuousBernoulli(logits=logits, dtype=logits.dtype))
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class GaussianLikelihood(Likelihood):
+    """p(x|z) = N(x; μ_θ(z), σ²I); the decoder outputs μ.
+
+    ``learn_sigma``: ``"none"`` keeps σ = ``sigma``; ``"shared"`` learns one log σ;
+    ``"per_pixel"`` learns one log σ per data element. Learned values start at ``sigma``.
+    """
+
+    def __init__(self, sigma=1.0, learn_sigma="none", name="gaussian", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not sigma > 0:
+            raise ValueError(f"The Gaussian likelihood needs sigma > 0; got sigma={sigma}.")
+        if learn_sigma not in SIGMA_MODES:
+            raise ValueError(
+                f"Unknown learn_sigma {learn_sigma!r}; expected one of {SIGMA_MODES}."
+            )
+        self.sigma = float(sigma)
+        self.learn_sigma = learn_sigma
+
+    def build(self, data_shape):
+        if self.learn_sigma != "none":
+            shape = () if self.learn_sigma == "shared" else tuple(data_shape)
+            self.log_sigma = self.add_weight(
+                name="log_sigma",
+                shape=shape,
+                initializer=keras.initializers.Constant(math.log(self.sigma)),
+                dtype="float32",
+                autocast=False,
+            )
+        super().build(data_shape)
+
+    def scale(self):
+        """σ, a scalar or one value per data element."""
+        if self.learn_sigma == "none":
+            return ops.convert_to_tensor(self.sigma, "float32")
+        return ops.exp(ops.convert_to_tensor(self.log_sigma))
+
+    def distribution(self, params):
+        loc = ops.cast(params, "float32")
+        return self._independent(tfd.Normal(loc=loc, scale=self.scale()))
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma, "learn_sigma": self.learn_sigma}
+
+
+def get_likelihood(name, sigma=1.0, learn_sigma="none"):
+    """The likelihood layer for ``name`` (one of ``LIKELIHOODS``)."""
+    if name == "bernoulli":
+        return BernoulliLikelihood()
+    if name == "continuous_bernoulli":
+        return ContinuousBernoulliLikelihood()
+    if name == "gaussian":
+        return GaussianLikelihood(sigma=sigma, learn_sigma=learn_sigma)
+    raise ValueError(f"Unknown likelihood {name!r}; expected one of {LIKELIHOODS}.")

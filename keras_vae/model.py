@@ -1,0 +1,301 @@
+"""The variational autoencoder: p(z) p_θ(x|z) with encoder q_φ(z|x) = N(μ_φ(x), diag σ²_φ(x)).
+
+Per example, in nats:
+    reconstruction_loss = −E_q[log p_θ(x|z)]            (Monte Carlo, z = μ + σ ⊙ ε)
+    kl_loss             = KL(q_φ(z|x) ‖ p(z))             (closed form, or Monte Carlo)
+    elbo                = −reconstruction_loss − kl_loss  (≤ log p_θ(x))
+    loss                = reconstruction_loss + β kl_loss             (objective "elbo")
+                        = −log (1/K) Σ_k p(x|z_k) p(z_k)^β / q(z_k|x)^β (objective "iwae")
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+from keras import ops
+
+from keras_vae.likelihoods import get_likelihood
+from keras_vae.networks import build_networks
+from keras_vae.sampling import Sampling
+
+tfd = tfp.distributions
+
+KL_ESTIMATORS = ("analytic", "mc")
+OBJECTIVES = ("elbo", "iwae")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {choices}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class VAE(keras.Model):
+    """A VAE trained with ``model.fit`` on batches of x (labels, if present, are ignored).
+
+    Args:
+        data_shape: shape of one example, e.g. ``(28, 28, 1)`` or ``(64,)``.
+        latent_dim: d, the size of z.
+        architecture: encoder/decoder family, ``"mlp"`` or ``"conv"`` (see ``networks``).
+        hidden_units, filters, activation: widths and nonlinearity of the networks.
+        likelihood: ``"bernoulli"``, ``"continuous_bernoulli"`` or ``"gaussian"``.
+        sigma, learn_sigma: the Gaussian likelihood's σ and whether/how it is learned.
+        beta: weight β on the KL term.
+        kl_warmup_steps: β rises linearly from β/steps to β over this many optimizer steps
+            (KL annealing); 0 turns warm-up off.
+        kl: ``"analytic"`` (closed form ½Σ(σ²+μ²−1−log σ²)) or ``"mc"`` (Monte Carlo).
+        objective: ``"elbo"`` or ``"iwae"`` (the importance-weighted bound).
+        num_samples: K, the samples of z per example in the training objective.
+        seed: seed of the sampling noise.
+        check_inputs: assert that every batch is finite and in the likelihood's support.
+    """
+
+    def __init__(
+        self,
+        data_shape,
+        latent_dim=16,
+        architecture="mlp",
+        hidden_units=(512, 256),
+        filters=(32, 64),
+        activation="relu",
+        likelihood="bernoulli",
+        sigma=1.0,
+        learn_sigma="none",
+        beta=1.0,
+        kl_warmup_steps=0,
+        kl="analytic",
+        objective="elbo",
+        num_samples=1,
+        seed=None,
+        check_inputs=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_choice("kl estimator", kl, KL_ESTIMATORS)
+        _check_choice("objective", objective, OBJECTIVES)
+        if int(latent_dim) < 1 or int(num_samples) < 1:
+            raise ValueError(
+                f"latent_dim and num_samples must be positive; got {latent_dim}, {num_samples}."
+            )
+        if beta < 0 or kl_warmup_steps < 0:
+            raise ValueError(
+                f"beta and kl_warmup_steps must be >= 0; got {beta}, {kl_warmup_steps}."
+            )
+        self.data_shape = tuple(int(n) for n in data_shape)
+        self.latent_dim = int(latent_dim)
+        self.architecture = architecture
+        self.hidden_units = tuple(int(n) for n in hidden_units)
+        self.filters = tuple(int(n) for n in filters)
+        self.activation = activation
+        self.likelihood_name = likelihood
+        self.sigma = float(sigma)
+        self.learn_sigma = learn_sigma
+        self.beta = float(beta)
+        self.kl_warmup_steps = int(kl_warmup_steps)
+        self.kl = kl
+        self.objective = objective
+        self.num_samples = int(num_samples)
+        self.seed = seed
+        self.check_inputs = bool(check_inputs)
+
+        self.encoder_network, self.decoder_network = build_networks(
+            architecture, self.data_shape, self.latent_dim, self.hidden_units, self.filters,
+            activation,
+        )
+        self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean")
+        self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var")
+        # float32: the noise and the distributions stay in float32 under mixed precision.
+        self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
+        self.likelihood = get_likelihood(likelihood, sigma=sigma, learn_sigma=learn_sigma)
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+        self.elbo_tracker = keras.metrics.Mean(name="elbo")
+        # Built now, so that save/export work even if fit never calls self(x).
+        self.build((None,) + self.data_shape)
+
+    def build(self, input_shape):
+        features = self.encoder_network.compute_output_shape(tuple(input_shape))
+        self.z_mean_head.build(features)
+        self.z_log_var_head.build(features)
+        self.likelihood.build(self.data_shape)
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker,
+            self.reconstruction_loss_tracker,
+            self.kl_loss_tracker,
+            self.elbo_tracker,
+        ]
+
+    # ------------------------------------------------------------------ distributions
+    def prior(self):
+        """p(z) = N(0, I)."""
+        return tfd.MultivariateNormalDiag(loc=ops.zeros((self.latent_dim,), "float32"))
+
+    def encode_params(self, x, training=False):
+        """(μ_φ(x), log σ²_φ(x)), each [batch, d], in float32."""
+        self._check_shape(x)
+        features = self.encoder_network(x, training=training)
+        z_mean = ops.cast(self.z_mean_head(features), "float32")
+        z_log_var = ops.cast(self.z_log_var_head(features), "float32")
+        return z_mean, z_log_var
+
+    def posterior(self, z_mean, z_log_var):
+        """q_φ(z|x) = N(μ, diag σ²) from its parameters."""
+        return tfd.MultivariateNormalDiag(loc=z_mean, scale_diag=ops.exp(0.5 * z_log_var))
+
+    def encode(self, x, training=False):
+        """q_φ(z|x) as a TFP ``MultivariateNormalDiag`` with batch shape [batch]."""
+        return self.posterior(*self.encode_params(x, training=training))
+
+    def decode(self, z, training=False):
+        """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``."""
+        z = ops.convert_to_tensor(z, "float32")
+        leading = ops.shape(z)[:-1]
+        # The networks take [n, d]; K samples per example arrive as [K, batch, d].
+        params = self.decoder_network(ops.reshape(z, (-1, self.latent_dim)), training=training)
+        params = ops.reshape(params, tuple(leading) + self.data_shape)
+        return self.likelihood.distribution(params)
+
+    # ------------------------------------------------------------------ objective
+    def current_beta(self):
+        """β, scaled by min(1, step / kl_warmup_steps) during KL warm-up."""
+        if self.kl_warmup_steps == 0 or self.optimizer is None:
+            return ops.convert_to_tensor(self.beta, "float32")
+        step = ops.cast(self.optimizer.iterations + 1, "float32")
+        return self.beta * ops.minimum(1.0, step / self.kl_warmup_steps)
+
+    def log_weights(self, x, num_samples, training=False, seed=None):
+        """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
+        log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch]."""
+        x = self._checked(x)
+        z_mean, z_log_var = self.encode_params(x, training=training)
+        posterior = self.posterior(z_mean, z_log_var)
+        prior = self.prior()
+        z = self.sampling((z_mean, z_log_var), num_samples=num_samples, seed=seed)
+        log_px_z = self.decode(z, training=training).log_prob(ops.cast(x, "float32"))
+        return log_px_z, prior.log_prob(z), posterior.log_prob(z), tfd.kl_divergence(
+            posterior, prior
+        )
+
+    def _kl_estimate(self, log_pz, log_qz, kl_analytic):
+        if self.kl == "analytic":
+            return kl_analytic
+        return ops.mean(log_qz - log_pz, axis=0)
+
+    def compute_terms(self, x, training=False, beta=None, seed=None):
+        """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``,
+        with the model's K samples, KL estimator, objective and β (default: current β)."""
+        beta = self.current_beta() if beta is None else beta
+        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
+            x, self.num_samples, training=training, seed=seed
+        )
+        reconstruction_loss = -ops.mean(log_px_z, axis=0)
+        kl_loss = self._kl_estimate(log_pz, log_qz, kl_analytic)
+        if self.objective == "elbo":
+            loss = reconstruction_loss + beta * kl_loss
+        else:
+            log_w = log_px_z + beta * (log_pz - log_qz)
+            loss = math.log(self.num_samples) - ops.logsumexp(log_w, axis=0)
+        return {
+            "loss": loss,
+            "reconstruction_loss": reconstruction_loss,
+            "kl_loss": kl_loss,
+            "elbo": -reconstruction_loss - kl_loss,
+        }
+
+    # ------------------------------------------------------------------ Keras hooks
+    def call(self, x, training=False):
+        """The reconstruction E[x | z = μ_φ(x)] (probabilities for Bernoulli)."""
+        z_mean, _ = self.encode_params(self._checked(x), training=training)
+        return self.decode(z_mean, training=training).mean()
+
+    def train_step(self, data):
+        x = _features(data)
+        with tf.GradientTape() as tape:
+            terms = self.compute_terms(x, training=True)
+            # Each replica averages over its share of the global batch and gradients are
+            # summed over replicas: divide by their number to get the global-batch mean.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            loss = self.optimizer.scale_loss(ops.mean(terms["loss"]) / replicas)
+        gradients = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        return self._update_metrics(terms)
+
+    def test_step(self, data):
+        return self._update_metrics(self.compute_terms(_features(data), training=False))
+
+    def _update_metrics(self, terms):
+        # Per-example values: each metric is the mean over examples, not over batches.
+        for tracker in self.metrics:
+            tracker.update_state(terms[tracker.name])
+        return {tracker.name: tracker.result() for tracker in self.metrics}
+
+    # ------------------------------------------------------------------ public API
+    def reconstruct(self, x):
+        """E[x | z = μ_φ(x)] for each x."""
+        return self(x)
+
+    def sample(self, num_samples, seed=None):
+        """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]."""
+        z = keras.random.normal(
+            (num_samples, self.latent_dim),
+            seed=self.sampling.seed_generator if seed is None else seed,
+        )
+        return self.decode(z).mean()
+
+    def elbo(self, x, num_samples=1, seed=None):
+        """Per-example ELBO E_q[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)) in nats ([batch]), the
+        expectation estimated with ``num_samples`` draws, the KL by the model's estimator."""
+        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(x, num_samples, seed=seed)
+        return ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic)
+
+    # ------------------------------------------------------------------ checks, config
+    def _check_shape(self, x):
+        shape = tuple(x.shape)
+        if len(shape) != len(self.data_shape) + 1 or any(
+            got is not None and got != want for got, want in zip(shape[1:], self.data_shape)
+        ):
+            raise ValueError(
+                f"{self.name} expects inputs of shape (batch,) + {self.data_shape}; "
+                f"got shape {shape}."
+            )
+
+    def _checked(self, x):
+        x = ops.cast(ops.convert_to_tensor(x), "float32")
+        self._check_shape(x)
+        if self.check_inputs:
+            with tf.control_dependencies(self.likelihood.check_support(x)):
+                x = tf.identity(x)
+        return x
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "data_shape": list(self.data_shape),
+            "latent_dim": self.latent_dim,
+            "architecture": self.architecture,
+            "hidden_units": list(self.hidden_units),
+            "filters": list(self.filters),
+            "activation": self.activation,
+            "likelihood": self.likelihood_name,
+            "sigma": self.sigma,
+            "learn_sigma": self.learn_sigma,
+            "beta": self.beta,
+            "kl_warmup_steps": self.kl_warmup_steps,
+            "kl": self.kl,
+            "objective": self.objective,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "check_inputs": self.check_inputs,
+        }
+
+
+def _features(data):
+    """x from a Keras batch: ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``."""
+    return data[0] if isinstance(data, (tuple, list)) else data

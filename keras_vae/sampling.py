@@ -1,0 +1,38 @@
+"""The reparameterized sampling layer: z = μ + σ ⊙ ε, ε ~ N(0, I)."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class Sampling(keras.layers.Layer):
+    """Draws z = μ + exp(½ log σ²) ⊙ ε with ε ~ N(0, I).
+
+    Called on ``(z_mean, z_log_var)`` of shape ``[batch, d]``. With ``num_samples=None``
+    it returns one draw per input, shape ``[batch, d]``; with ``num_samples=K`` it
+    returns ``[K, batch, d]`` (K draws per input, for importance sampling).
+
+    The noise comes from the layer's own ``SeedGenerator`` (so a seeded layer gives a
+    reproducible stream), or from ``seed`` when one is passed to ``call``.
+    """
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, num_samples=None, seed=None):
+        z_mean, z_log_var = inputs
+        shape = ops.shape(z_mean)
+        if num_samples is not None:
+            shape = (num_samples,) + tuple(shape)
+        epsilon = keras.random.normal(
+            shape, dtype=z_mean.dtype, seed=self.seed_generator if seed is None else seed
+        )
+        return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

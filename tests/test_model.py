@@ -1,0 +1,183 @@
+"""The VAE as a Keras model: fit/evaluate/predict, metrics, saving, errors."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vae import VAE
+
+
+def small_vae(data_shape=(8, 8, 1), **kwargs):
+    kwargs = {"latent_dim": 4, "hidden_units": (32,), "seed": 0, **kwargs}
+    model = VAE(data_shape, **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def test_closed_form_kl_formula_in_metrics_is_mean_over_examples(digits):
+    # 100 examples in batches of 32 (last batch 4): the metric must weight examples, not batches.
+    model = small_vae()
+    x = digits[:100]
+    mu, log_var = (t.numpy().astype("float64") for t in model.encode_params(x))
+    kl = 0.5 * np.sum(np.exp(log_var) + mu**2 - 1 - log_var, axis=-1)
+    results = model.evaluate(x, batch_size=32, verbose=0, return_dict=True)
+    np.testing.assert_allclose(results["kl_loss"], kl.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        results["elbo"], -results["reconstruction_loss"] - results["kl_loss"], rtol=1e-5)
+    np.testing.assert_allclose(results["loss"], -results["elbo"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_a_few_epochs_on_digits_lower_the_test_loss(digits, architecture):
+    model = small_vae(architecture=architecture, hidden_units=(64,), latent_dim=8)
+    train, test = digits[:1500], digits[1500:]
+    before = model.evaluate(test, verbose=0, return_dict=True)
+    history = model.fit(train, validation_data=(test,), epochs=8, batch_size=64, verbose=0)
+    after = model.evaluate(test, verbose=0, return_dict=True)
+    assert set(history.history) >= {"loss", "reconstruction_loss", "kl_loss", "elbo",
+                                    "val_loss", "val_elbo"}
+    # An untrained model's test loss on digits is ≈ 45 nats; a trained one is < 30.
+    assert after["loss"] < before["loss"] - 10, (before, after)
+    assert after["elbo"] > -30
+
+
+def test_fit_on_tf_data_with_labels_and_predict(digits):
+    model = small_vae()
+    ds = tf.data.Dataset.from_tensor_slices((digits[:256], np.arange(256))).batch(64)
+    model.fit(ds, epochs=1, verbose=0)
+    recon = model.predict(digits[:10], verbose=0)
+    assert recon.shape == (10, 8, 8, 1)
+    assert np.all((recon >= 0) & (recon <= 1))  # Bernoulli means are probabilities
+    np.testing.assert_allclose(recon, model.reconstruct(digits[:10]).numpy(), rtol=1e-5)
+
+
+def test_public_api_shapes_and_reproducible_sampling(digits):
+    model = small_vae(likelihood="gaussian", learn_sigma="shared")
+    posterior = model.encode(digits[:3])
+    assert posterior.batch_shape == (3,) and posterior.event_shape == (4,)
+    likelihood = model.decode(tf.zeros((2, 5, 4)))
+    assert likelihood.batch_shape == (2, 5) and likelihood.event_shape == (8, 8, 1)
+    np.testing.assert_array_equal(model.sample(6, seed=1), model.sample(6, seed=1))
+    assert model.sample(6, seed=1).shape == (6, 8, 8, 1)
+    assert model.elbo(digits[:7]).shape == (7,)
+    assert any(w is model.likelihood.log_sigma for w in model.trainable_weights)
+
+
+def test_kl_warmup_scales_beta_with_optimizer_steps(digits):
+    model = small_vae(beta=2.0, kl_warmup_steps=10)
+    assert float(model.current_beta()) == pytest.approx(0.2)  # step 1 of 10
+    model.fit(digits[:128], batch_size=32, epochs=1, verbose=0)  # 4 steps
+    assert float(model.current_beta()) == pytest.approx(1.0)  # step 5 of 10
+    model.fit(digits[:256], batch_size=32, epochs=1, verbose=0)  # 8 more steps
+    assert float(model.current_beta()) == pytest.approx(2.0)
+
+
+def test_beta_weights_the_kl_in_the_loss(digits):
+    model = small_vae(beta=3.0, seed=1)
+    terms = model.compute_terms(digits[:16], seed=2)
+    np.testing.assert_allclose(
+        terms["loss"], terms["reconstruction_loss"] + 3.0 * terms["kl_loss"], rtol=1e-6)
+
+
+def test_config_round_trip():
+    model = small_vae(architecture="conv", likelihood="gaussian", learn_sigma="per_pixel",
+                      beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3)
+    config = model.get_config()
+    json.dumps(config)  # plain JSON
+    clone = VAE.from_config(config)
+    assert clone.get_config() == config
+    assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, keras
+    import keras_vae  # registers the serializable classes
+    model = keras.saving.load_model(sys.argv[1])
+    x, z = np.load(sys.argv[2]), np.load(sys.argv[3])
+    mu, log_var = model.encode_params(x)
+    np.savez(sys.argv[4], mu=mu.numpy(), log_var=log_var.numpy(),
+             decoded=model.decode(z).mean().numpy(),
+             iterations=int(model.optimizer.iterations.numpy()))
+""")
+
+
+def test_save_load_in_new_process_is_identical_and_training_continues(digits, tmp_path):
+    model = small_vae(likelihood="gaussian", learn_sigma="shared", sigma=0.2)
+    model.fit(digits[:256], batch_size=64, epochs=1, verbose=0)
+    path = tmp_path / "vae.keras"
+    model.save(path)
+    x, z = digits[:20], np.random.default_rng(0).normal(size=(20, 4)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "z.npy", z)
+    subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, str(path), str(tmp_path / "x.npy"),
+         str(tmp_path / "z.npy"), str(tmp_path / "out.npz")],
+        check=True, capture_output=True)
+    out = np.load(tmp_path / "out.npz")
+    mu, log_var = model.encode_params(x)
+    np.testing.assert_array_equal(out["mu"], mu.numpy())
+    np.testing.assert_array_equal(out["log_var"], log_var.numpy())
+    np.testing.assert_array_equal(out["decoded"], model.decode(z).mean().numpy())
+    assert out["iterations"] == 4
+
+    loaded = keras.saving.load_model(path)
+    history = loaded.fit(digits[:256], batch_size=64, epochs=2, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 12  # the optimizer state went on
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+# --------------------------------------------------------------------------- bad input
+def test_wrong_shape_is_refused_with_the_expected_shape(digits):
+    model = small_vae()
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(batch,\) \+ \(8, 8, 1\)"):
+        model.predict(digits.reshape(-1, 64), verbose=0)
+    with pytest.raises(ValueError, match="got shape"):
+        model.fit(digits[:, :4], epochs=1, verbose=0)
+
+
+def test_nan_in_a_batch_is_refused(digits):
+    model = small_vae(likelihood="gaussian")
+    x = digits[:64].copy()
+    x[10, 3, 3, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
+        model.fit(x, batch_size=32, epochs=1, verbose=0)
+    weights = [w.numpy() for w in model.weights]
+    assert all(np.all(np.isfinite(w)) for w in weights)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli"])
+def test_data_outside_unit_interval_is_refused(digits, likelihood):
+    model = small_vae(likelihood=likelihood)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"needs data in \[0, 1\]"):
+        model.evaluate(digits[:32] * 16.0, verbose=0)  # raw 0..16 digit intensities
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"likelihood": "poisson"}, "Unknown likelihood 'poisson'"),
+        ({"architecture": "resnet"}, "Unknown architecture 'resnet'"),
+        ({"kl": "exact"}, "Unknown kl estimator"),
+        ({"objective": "vimco"}, "Unknown objective"),
+        ({"likelihood": "gaussian", "learn_sigma": "per_channel"}, "Unknown learn_sigma"),
+        ({"likelihood": "gaussian", "sigma": 0.0}, "sigma > 0"),
+        ({"latent_dim": 0}, "must be positive"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE((8, 8, 1), **kwargs)
+
+
+def test_conv_needs_image_shapes_divisible_by_its_strides():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        VAE((30, 30, 1), architecture="conv")
+    with pytest.raises(ValueError, match="needs image data"):
+        VAE((64,), architecture="conv")
+    VAE((32, 32, 3), architecture="conv")  # CIFAR-shaped data builds
