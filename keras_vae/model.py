@@ -8,8 +8,6 @@ Per example, in nats:
                         = −log (1/K) Σ_k p(x|z_k) p(z_k)^β / q(z_k|x)^β (objective "iwae")
 """
 
-import math
-
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -170,14 +168,18 @@ class VAE(keras.Model):
         step = ops.cast(self.optimizer.iterations + 1, "float32")
         return self.beta * ops.minimum(1.0, step / self.kl_warmup_steps)
 
-    def log_weights(self, x, num_samples, training=False, seed=None):
+    def log_weights(self, x, num_samples=1, training=False, seed=None, epsilon=None):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
-        log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch]."""
+        log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch].
+
+        ``epsilon`` ([K, batch or 1, d]) fixes the noise of z_k = μ + σ ⊙ ε_k.
+        """
         x = self._checked(x)
         z_mean, z_log_var = self.encode_params(x, training=training)
         posterior = self.posterior(z_mean, z_log_var)
         prior = self.prior()
-        z = self.sampling((z_mean, z_log_var), num_samples=num_samples, seed=seed)
+        z = self.sampling(
+            (z_mean, z_log_var), num_samples=num_samples, seed=seed, epsilon=epsilon)
         log_px_z = self.decode(z, training=training).log_prob(ops.cast(x, "float32"))
         return log_px_z, prior.log_prob(z), posterior.log_prob(z), tfd.kl_divergence(
             posterior, prior
@@ -201,7 +203,7 @@ class VAE(keras.Model):
             loss = reconstruction_loss + beta * kl_loss
         else:
             log_w = log_px_z + beta * (log_pz - log_qz)
-            loss = math.log(self.num_samples) - ops.logsumexp(log_w, axis=0)
+            loss = -log_mean_exp(log_w)
         return {
             "loss": loss,
             "reconstruction_loss": reconstruction_loss,
@@ -252,8 +254,18 @@ class VAE(keras.Model):
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example ELBO E_q[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)) in nats ([batch]), the
         expectation estimated with ``num_samples`` draws, the KL by the model's estimator."""
-        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(x, num_samples, seed=seed)
-        return ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic)
+        return self.score(x, num_samples, seed=seed)["elbo"]
+
+    def score(self, x, num_samples, seed=None, epsilon=None):
+        """Per example, from the same K draws z_k ~ q_φ(z|x): ``elbo`` (as in ``elbo``) and
+        ``log_px`` = log (1/K) Σ_k p_θ(x|z_k) p(z_k) / q_φ(z_k|x), the importance-weighted
+        estimate of log p_θ(x) (a lower bound in expectation, tight as K → ∞)."""
+        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
+            x, num_samples, seed=seed, epsilon=epsilon)
+        return {
+            "elbo": ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic),
+            "log_px": log_mean_exp(log_px_z + log_pz - log_qz),
+        }
 
     # ------------------------------------------------------------------ checks, config
     def _check_shape(self, x):
@@ -294,6 +306,12 @@ class VAE(keras.Model):
             "seed": self.seed,
             "check_inputs": self.check_inputs,
         }
+
+
+def log_mean_exp(values, axis=0):
+    """log (1/K) Σ_k exp(values_k) along ``axis``, computed stably with logsumexp."""
+    count = ops.cast(ops.shape(values)[axis], values.dtype)
+    return ops.logsumexp(values, axis=axis) - ops.log(count)
 
 
 def _features(data):

@@ -13,7 +13,8 @@ class Sampling(keras.layers.Layer):
     returns ``[K, batch, d]`` (K draws per input, for importance sampling).
 
     The noise comes from the layer's own ``SeedGenerator`` (so a seeded layer gives a
-    reproducible stream), or from ``seed`` when one is passed to ``call``.
+    reproducible stream), from ``seed`` when one is passed to ``call``, or is given as
+    ``epsilon`` (broadcast against μ; used by served functions, which need stateless noise).
     """
 
     def __init__(self, seed=None, **kwargs):
@@ -21,14 +22,15 @@ class Sampling(keras.layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def call(self, inputs, num_samples=None, seed=None):
+    def call(self, inputs, num_samples=None, seed=None, epsilon=None):
         z_mean, z_log_var = inputs
-        shape = ops.shape(z_mean)
-        if num_samples is not None:
-            shape = (num_samples,) + tuple(shape)
-        epsilon = keras.random.normal(
-            shape, dtype=z_mean.dtype, seed=self.seed_generator if seed is None else seed
-        )
+        if epsilon is None:
+            shape = ops.shape(z_mean)
+            if num_samples is not None:
+                shape = (num_samples,) + tuple(shape)
+            epsilon = keras.random.normal(
+                shape, dtype=z_mean.dtype, seed=self.seed_generator if seed is None else seed
+            )
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
 
     def compute_output_shape(self, input_shape):

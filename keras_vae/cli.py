@@ -1,0 +1,165 @@
+"""The ``keras-vae`` command: ``train``, ``evaluate``, ``export``, ``sample``."""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from keras_vae.config import ConfigError, RunConfig, load_config_file
+
+
+def load_run_or_model(path):
+    """(model, run config or None) from a run directory (its best checkpoint, else its last)
+    or a ``.keras`` file."""
+    import keras
+
+    import keras_vae  # noqa: F401  (registers the serializable classes)
+
+    path = Path(path)
+    config = None
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a run directory: no config.json")
+        config = RunConfig.from_dict(json.loads(config_file.read_text()))
+        candidates = [path / "checkpoints" / name for name in ("best.keras", "last.keras")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"run directory {config_file.parent} has no checkpoint")
+    elif not path.is_file():
+        raise FileNotFoundError(f"no run directory or .keras model at {path}")
+    return keras.saving.load_model(path), config
+
+
+def _add_config_flags(parser):
+    for f in dataclasses.fields(RunConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                            metavar=f.name.upper(), help=f"(default: {f.default!r})")
+
+
+def _cmd_train(args):
+    from keras_vae.train import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+                 if getattr(args, f.name) is not None}
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
+        base = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    else:
+        run_dir = args.run_dir
+        base = RunConfig.from_dict(load_config_file(args.config)) if args.config else None
+    config = RunConfig.from_dict(overrides, base=base)
+    result = train(config, run_dir=run_dir, resume=bool(args.resume),
+                   verbose=0 if args.quiet else 1)
+    test = result.metrics["test"]
+    print(f"run directory: {result.run_dir}")
+    print(f"test ELBO {test['elbo']['mean']:.2f} ± {test['elbo']['se']:.2f} nats, "
+          f"log p(x) (K={test['k']}) {test['log_px']['mean']:.2f} ± {test['log_px']['se']:.2f}")
+    print(f"SavedModel: {result.export_path}")
+
+
+def _cmd_evaluate(args):
+    import numpy as np
+
+    from keras_vae import data as datasets
+    from keras_vae.evaluate import evaluate
+    from keras_vae.train import evaluation_split
+
+    model, config = load_run_or_model(args.model)
+    overrides = {"likelihood": model.likelihood_name}
+    if args.data:
+        overrides["data"] = args.data
+    if args.binarize:
+        overrides["binarize"] = args.binarize
+    config = RunConfig.from_dict(overrides, base=config)
+    data = datasets.load(config.data, args.data_dir or config.data_dir)
+    x = evaluation_split(config, data)[: args.limit]
+    report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
+    report["data"] = config.data
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.per_example:
+        np.savez(args.per_example, elbo=scores["elbo"], elbo_se=scores["elbo_se"],
+                 log_px=scores["log_px"], log_px_se=scores["log_px_se"])
+
+
+def _cmd_export(args):
+    from keras_vae.export import export_model
+
+    model, _ = load_run_or_model(args.model)
+    print(export_model(model, args.export_dir, args.name))
+
+
+def _cmd_sample(args):
+    import numpy as np
+
+    from keras_vae import plots
+
+    model, _ = load_run_or_model(args.model)
+    images = model.sample(args.n, seed=args.seed).numpy()
+    if args.output.endswith(".npy"):
+        np.save(args.output, images)
+    else:
+        plots.samples(images, args.output)
+    print(args.output)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="keras-vae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a VAE (flags override --config)")
+    train.add_argument("--config", help="JSON or YAML config file")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--run-dir", help="run directory (default: RUNS_DIR/<time>-<data>)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="importance-weighted log p(x) and ELBO")
+    evaluate.add_argument("model", help="run directory or .keras file")
+    evaluate.add_argument("--data", help="data source (default: the run's)")
+    evaluate.add_argument("--data-dir", help="TFDS data_dir")
+    evaluate.add_argument("--binarize", choices=("auto", "dynamic", "none"),
+                          help="binarize the test set once with a fixed seed (default: the run's)")
+    evaluate.add_argument("--k", type=int, default=1000, help="importance samples K")
+    evaluate.add_argument("--batch-size", type=int, default=100)
+    evaluate.add_argument("--chunk-size", type=int, default=500, help="draws per pass")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--limit", type=int, help="first N test examples only")
+    evaluate.add_argument("--output", help="write the JSON report here")
+    evaluate.add_argument("--per-example", help="write per-example scores to this .npz")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    export = commands.add_parser("export", help="write a SavedModel for TF Serving")
+    export.add_argument("model", help="run directory or .keras file")
+    export.add_argument("--name", default="vae")
+    export.add_argument("--export-dir", default="saved_models")
+    export.set_defaults(func=_cmd_export)
+
+    sample = commands.add_parser("sample", help="draw from the prior and decode")
+    sample.add_argument("model", help="run directory or .keras file")
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--output", default="samples.png", help=".png grid or .npy array")
+    sample.set_defaults(func=_cmd_sample)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
+        print(f"keras-vae: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""One run's settings as a dataclass; read from JSON/YAML, overridden by flags, validated."""
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from keras_vae.likelihoods import LIKELIHOODS, SIGMA_MODES
+from keras_vae.model import KL_ESTIMATORS, OBJECTIVES
+from keras_vae.networks import ARCHITECTURES
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+BINARIZE = ("auto", "dynamic", "none")
+DATA_KINDS = ("digits", "tfds:", "npz:", "images:")
+
+
+class ConfigError(ValueError):
+    """A setting that is unknown or invalid; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run (see README for each key)."""
+
+    # data
+    data: str = "digits"  # digits | tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]] | npz:PATH | images:DIR
+    data_dir: str | None = None  # TFDS data_dir
+    binarize: str = "auto"  # auto: dynamic binarization for the Bernoulli likelihood
+    # model
+    architecture: str = "mlp"
+    latent_dim: int = 8
+    hidden_units: tuple[int, ...] = (256, 128)
+    filters: tuple[int, ...] = (32, 64)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    sigma: float = 1.0
+    learn_sigma: str = "none"
+    # objective
+    beta: float = 1.0
+    kl_warmup_epochs: float = 0.0
+    kl: str = "analytic"
+    objective: str = "elbo"
+    num_samples: int = 1
+    # optimization
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 40
+    early_stopping_patience: int = 0  # 0: off
+    seed: int = 0
+    # outputs
+    runs_dir: str = "runs"
+    export_dir: str = "saved_models"
+    export_name: str = "vae"
+    plots: bool = True
+
+    def validate(self):
+        """Raises ConfigError naming the first invalid key."""
+        checks = [
+            ("data", self.data == "digits" or self.data.startswith(DATA_KINDS[1:]),
+             f"must be one of {DATA_KINDS} (with its argument)"),
+            ("binarize", self.binarize in BINARIZE, f"must be one of {BINARIZE}"),
+            ("architecture", self.architecture in ARCHITECTURES,
+             f"must be one of {ARCHITECTURES}"),
+            ("likelihood", self.likelihood in LIKELIHOODS, f"must be one of {LIKELIHOODS}"),
+            ("learn_sigma", self.learn_sigma in SIGMA_MODES, f"must be one of {SIGMA_MODES}"),
+            ("kl", self.kl in KL_ESTIMATORS, f"must be one of {KL_ESTIMATORS}"),
+            ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+            ("latent_dim", self.latent_dim >= 1, "must be >= 1"),
+            ("num_samples", self.num_samples >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("sigma", self.sigma > 0, "must be > 0"),
+            ("beta", self.beta >= 0, "must be >= 0"),
+            ("kl_warmup_epochs", self.kl_warmup_epochs >= 0, "must be >= 0"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
+            ("hidden_units", all(n >= 1 for n in self.hidden_units), "widths must be >= 1"),
+            ("filters", len(self.filters) >= 1 and all(n >= 1 for n in self.filters),
+             "needs at least one width, each >= 1"),
+        ]
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ConfigError(f"config key {key!r} {requirement}; got {getattr(self, key)!r}")
+        return self
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values, base=None):
+        """A config from ``base`` (default: the defaults) with ``values`` applied and checked."""
+        base = base or cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        updates = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown config key {key!r}; known keys: {', '.join(fields)}")
+            updates[key] = coerce(key, value, fields[key].type)
+        return dataclasses.replace(base, **updates).validate()
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def coerce(key, value, annotation):
+    """Turns a JSON/YAML value or a command-line string into the field's type."""
+    optional = type(None) in typing.get_args(annotation)
+    kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional \
+        else annotation
+    kind = typing.get_origin(kind) or kind
+    try:
+        if value is None or (optional and value in ("", "none", "None")):
+            if optional:
+                return None
+            raise TypeError("null is not allowed")
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(int(v) for v in value)
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            f"config key {key!r} must be of type {getattr(kind, '__name__', kind)}; "
+            f"got {value!r}") from error
+
+
+def load_config_file(path):
+    """The key/value mapping of a JSON or YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"config file {path} is not valid JSON/YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+

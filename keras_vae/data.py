@@ -1,0 +1,172 @@
+"""Data sets as arrays in [0, 1] of shape [N, H, W, C], and the tf.data training pipeline.
+
+Sources (the ``data`` config key):
+- ``digits``: scikit-learn's bundled 8×8 digits (offline), a fixed 1437/360 split.
+- ``tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]``: any TFDS image data set through ``tfds.load``.
+- ``npz:PATH``: Keras layout, ``x_train`` and ``x_test`` (``y_train``/``y_test`` optional).
+- ``images:DIR``: a folder of images (sub-folders as labels), a fixed 90/10 split.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+# The evaluation copy of binarized data is drawn once with this seed, the same for every run,
+# so that every model is scored on the same binary test set.
+TEST_BINARIZATION_SEED = 0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+@dataclass
+class Data:
+    """Train/test arrays in [0, 1] (float32, [N, H, W, C]) and labels (or None)."""
+
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_train: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+    @property
+    def shape(self):
+        return self.x_train.shape[1:]
+
+
+def to_unit_interval(x):
+    """Integer pixels 0..255 → [0, 1] float32; images get a channel axis if they lack one."""
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x / 255.0
+    x = x.astype("float32")
+    return x[..., None] if x.ndim == 3 else x
+
+
+def load(spec, data_dir=None):
+    """The ``Data`` for a source spec (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return _digits()
+    if kind == "tfds" and arg:
+        return _tfds(arg, data_dir)
+    if kind == "npz" and arg:
+        return _npz(Path(arg))
+    if kind == "images" and arg:
+        return _images(Path(arg))
+    raise ValueError(
+        f"Unknown data source {spec!r}; expected digits, tfds:NAME[:TRAIN[:TEST]], npz:PATH "
+        f"or images:DIR.")
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    x = (digits.images[order] / 16.0).astype("float32")[..., None]
+    y = digits.target[order]
+    return Data(x[:1437], x[1437:], y[:1437], y[1437:])
+
+
+def _tfds(arg, data_dir):
+    import tensorflow_datasets as tfds
+
+    name, _, splits = arg.partition(":")
+    train_split, _, test_split = splits.partition(":")
+    train_split, test_split = train_split or "train", test_split or "test"
+    try:
+        parts = tfds.load(name, split=[train_split, test_split], data_dir=data_dir,
+                          batch_size=-1, as_supervised=False)
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load TFDS data set {name!r} (splits {train_split!r}, {test_split!r}, "
+            f"data_dir={data_dir!r}): {error}. Without internet access the data must already "
+            f"be prepared in data_dir (see `tfds build`).") from error
+    arrays = [tfds.as_numpy(part) for part in parts]
+    if "image" not in arrays[0]:
+        raise ValueError(f"TFDS data set {name!r} has no 'image' feature: {list(arrays[0])}")
+    labels = [part.get("label") for part in arrays]
+    return Data(to_unit_interval(arrays[0]["image"]), to_unit_interval(arrays[1]["image"]),
+                *labels)
+
+
+def _npz(path):
+    if not path.is_file():
+        raise FileNotFoundError(f"npz data file not found: {path}")
+    with np.load(path) as arrays:
+        missing = {"x_train", "x_test"} - set(arrays.files)
+        if missing:
+            raise ValueError(
+                f"npz data file {path} lacks {sorted(missing)} (it has {arrays.files}); "
+                f"expected the Keras layout x_train, x_test, optional y_train, y_test.")
+        return Data(to_unit_interval(arrays["x_train"]), to_unit_interval(arrays["x_test"]),
+                    arrays["y_train"] if "y_train" in arrays.files else None,
+                    arrays["y_test"] if "y_test" in arrays.files else None)
+
+
+def _images(folder):
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = [np.asarray(Image.open(p)) for p in files]
+    shapes = {image.shape for image in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {folder} differ in shape: {sorted(shapes)}")
+    classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
+    y = np.array([classes.index(p.parent.relative_to(folder).as_posix()) for p in files])
+    x = to_unit_interval(np.stack(images))
+    order = np.random.default_rng(0).permutation(len(files))
+    n_test = max(1, len(files) // 10)
+    test, train = order[:n_test], order[n_test:]
+    return Data(x[train], x[test], y[train], y[test])
+
+
+def binarize_once(x, seed=TEST_BINARIZATION_SEED):
+    """x_bin ~ Bernoulli(x), drawn once with a fixed seed (the evaluation copy)."""
+    return (np.random.default_rng(seed).uniform(size=x.shape) < x).astype("float32")
+
+
+def steps_per_epoch(num_examples, batch_size):
+    return math.ceil(num_examples / batch_size)
+
+
+def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
+    """Batches for epochs ``initial_epoch..epochs-1`` as one stream.
+
+    Epoch e is shuffled (and, with ``binarize``, binarized afresh: x_bin ~ Bernoulli(x)) by
+    stateless ops seeded with (seed, e), so a run resumed at epoch e sees exactly the batches
+    the uninterrupted run would have seen.
+    """
+    x = tf.constant(x)
+    n = int(x.shape[0])
+    steps = steps_per_epoch(n, batch_size)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        return batches.enumerate().map(
+            lambda step, idx: _gather(x, idx, binarize, seed, epoch * steps + step),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    epochs_ds = tf.data.Dataset.range(initial_epoch, epochs)
+    return epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+
+
+def _gather(x, idx, binarize, seed, step):
+    batch = tf.gather(x, idx)
+    if binarize:
+        noise = tf.random.stateless_uniform(
+            tf.shape(batch), seed=tf.stack([tf.cast(seed, tf.int64) + 1, step]))
+        batch = tf.cast(noise < batch, batch.dtype)
+    return batch
+
+
+def evaluation_dataset(x, batch_size):
+    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(
+        tf.data.AUTOTUNE)

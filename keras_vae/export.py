@@ -1,0 +1,126 @@
+"""SavedModel export in TF Serving's layout: ``EXPORT_DIR/NAME/VERSION/``.
+
+Signatures (every input has a leading batch dimension, so TF Serving's row format works):
+- ``serving_default``: x → reconstruction, z_mean, z_log_var
+- ``encode``:  x → z_mean, z_log_var
+- ``decode``:  z → mean (probabilities for Bernoulli) and the likelihood's parameters
+               (``logits``, or ``loc`` and ``scale``), each of the data's shape
+- ``sample``:  seed (int64, one per row) → z ~ N(0, I) drawn statelessly from the seed, and
+               the mean E[x | z]; the same seed always gives the same row
+- ``score``:   x → elbo and log_px (nats), from SCORE_SAMPLES fixed draws ε_k shared by all
+               rows: each example's score depends on that example alone, and is reproducible
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+SCORE_SAMPLES = 256
+SCORE_SEED = (2024, 5)
+SERVING_SIGNATURES = ("serving_default", "encode", "decode", "sample", "score")
+
+
+def serving_functions(model):
+    """The served ``tf.function``s of ``model``, by signature name."""
+    x_spec = tf.TensorSpec((None,) + model.data_shape, tf.float32, name="x")
+    z_spec = tf.TensorSpec((None, model.latent_dim), tf.float32, name="z")
+    seed_spec = tf.TensorSpec((None,), tf.int64, name="seed")
+    score_epsilon = tf.random.stateless_normal(
+        (SCORE_SAMPLES, 1, model.latent_dim), seed=SCORE_SEED)
+
+    @tf.function(input_signature=[x_spec])
+    def serving_default(x):
+        z_mean, z_log_var = model.encode_params(model._checked(x))
+        return {"reconstruction": model.decode(z_mean).mean(), "z_mean": z_mean,
+                "z_log_var": z_log_var}
+
+    @tf.function(input_signature=[x_spec])
+    def encode(x):
+        z_mean, z_log_var = model.encode_params(model._checked(x))
+        return {"z_mean": z_mean, "z_log_var": z_log_var}
+
+    def decoded(z):
+        likelihood = model.decode(z)
+        mean = likelihood.mean()
+        outputs = {"mean": mean}
+        for key, value in likelihood.distribution.parameters.items():
+            if tf.is_tensor(value) or isinstance(value, tf.Variable):
+                outputs[key] = tf.broadcast_to(tf.cast(value, tf.float32), tf.shape(mean))
+        return outputs
+
+    @tf.function(input_signature=[z_spec])
+    def decode(z):
+        return decoded(z)
+
+    @tf.function(input_signature=[seed_spec])
+    def sample(seed):
+        z = tf.map_fn(
+            lambda s: tf.random.stateless_normal((model.latent_dim,), seed=tf.stack([s, 0])),
+            seed, fn_output_signature=tf.float32)
+        outputs = decoded(z)
+        return {"z": z, "mean": outputs["mean"]}
+
+    @tf.function(input_signature=[x_spec])
+    def score(x):
+        return model.score(x, SCORE_SAMPLES, epsilon=score_epsilon)
+
+    return {"serving_default": serving_default, "encode": encode, "decode": decode,
+            "sample": sample, "score": score}
+
+
+def next_version(model_dir):
+    """1 + the largest integer version folder under ``model_dir`` (1 if none)."""
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def export_model(model, export_dir="saved_models", name="vae"):
+    """Writes ``export_dir/name/<next version>/`` and returns its path.
+
+    The SavedModel is written to a temporary folder beside it and renamed into place, so TF
+    Serving (which polls the folder) never sees a half-written version and an existing
+    version is never overwritten.
+    """
+    model_dir = Path(export_dir) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for signature, fn in serving_functions(model).items():
+        archive.add_endpoint(signature, fn)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    try:
+        archive.write_out(str(tmp / "model"), verbose=False)
+        extra = tmp / "model" / "assets.extra"
+        extra.mkdir()
+        (extra / "keras_vae.json").write_text(json.dumps(
+            {"config": model.get_config(), "score_samples": SCORE_SAMPLES,
+             "signatures": list(SERVING_SIGNATURES)}, indent=2))
+        version_dir = model_dir / str(next_version(model_dir))
+        if version_dir.exists():
+            raise FileExistsError(f"export version folder already exists: {version_dir}")
+        os.rename(tmp / "model", version_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_models_config(model_dir, name)
+    return version_dir
+
+
+def write_models_config(model_dir, name):
+    """TF Serving's ``--model_config_file`` for this model, serving the two newest versions
+    (so a client pinned to the previous version keeps working during a roll-out)."""
+    text = (
+        "model_config_list {\n"
+        "  config {\n"
+        f'    name: "{name}"\n'
+        f'    base_path: "/models/{name}"\n'
+        '    model_platform: "tensorflow"\n'
+        "    model_version_policy { latest { num_versions: 2 } }\n"
+        "  }\n"
+        "}\n"
+    )
+    (Path(model_dir) / "models.config").write_text(text)

@@ -1,0 +1,91 @@
+"""PNG figures of a run: loss curves, reconstructions, prior samples, the latent space."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import norm  # noqa: E402
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _tile(images, columns, pad=1):
+    """[n, H, W, C] → one mosaic of ``columns`` cells a row, ``pad`` pixels between cells
+    (padding and blank cells are 0: white in the gray plots)."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * (h + pad) - pad, columns * (w + pad) - pad, c), images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = r * (h + pad), col * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def _show(ax, images, columns, title):
+    grid = np.clip(_tile(np.asarray(images), columns), 0, 1)
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray_r", vmin=0, vmax=1)
+    else:
+        ax.imshow(grid)
+    ax.set_title(title)
+    ax.axis("off")
+
+
+def loss_curves(history, path):
+    """Train and validation curves of loss, reconstruction and KL (nats per example)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("loss", "reconstruction_loss", "kl_loss")):
+        epochs = np.arange(1, len(history[key]) + 1)
+        ax.plot(epochs, history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("nats per example")
+        ax.set_title(key)
+        ax.legend()
+    _save(fig, path)
+
+
+def reconstructions(x, x_hat, path, count=16):
+    """Test inputs (top) above their reconstructions E[x | z = μ_φ(x)] (bottom)."""
+    fig, axes = plt.subplots(2, 1, figsize=(count * 0.6, 1.8))
+    _show(axes[0], x[:count], count, "inputs")
+    _show(axes[1], x_hat[:count], count, "reconstructions")
+    _save(fig, path)
+
+
+def samples(images, path, columns=8):
+    """E[x | z] for z ~ p(z)."""
+    fig, ax = plt.subplots(figsize=(columns * 0.8, len(images) / columns * 0.8 + 0.4))
+    _show(ax, images, columns, "samples from the prior")
+    _save(fig, path)
+
+
+def latent_scatter(z_mean, labels, path):
+    """Test means μ_φ(x) in 2-D (first two principal components when d > 2)."""
+    from sklearn.decomposition import PCA
+
+    points = z_mean if z_mean.shape[1] == 2 else PCA(2).fit_transform(z_mean)
+    axis = "z" if z_mean.shape[1] == 2 else "PC"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6)
+    if labels is not None:
+        fig.colorbar(scatter, ax=ax, label="label")
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
+    ax.set_title("posterior means of the test set")
+    _save(fig, path)
+
+
+def manifold(decode_mean, path, count=15):
+    """For a 2-D latent: E[x | z] on a grid of z at the prior's quantiles 0.05..0.95."""
+    grid = norm.ppf(np.linspace(0.05, 0.95, count))
+    z = np.array([[z1, z2] for z2 in grid[::-1] for z1 in grid], "float32")
+    fig, ax = plt.subplots(figsize=(8, 8))
+    _show(ax, decode_mean(z), count, "decoded latent manifold")
+    _save(fig, path)

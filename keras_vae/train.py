@@ -1,0 +1,199 @@
+"""A training run: data → model → fit with callbacks → metrics, plots, SavedModel.
+
+A run directory holds ``config.json``, ``history.csv``, ``checkpoints/{last,best}.keras``,
+``tensorboard/``, ``plots/*.png``, ``metrics.json`` and ``export.json`` (the SavedModel path).
+"""
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_vae import data as datasets
+from keras_vae import plots
+from keras_vae.config import RunConfig
+from keras_vae.evaluate import evaluate
+from keras_vae.export import export_model
+from keras_vae.model import VAE
+
+# K of the importance-weighted log p(x) in a run's final metrics.
+FINAL_EVAL_SAMPLES = 100
+
+
+@dataclass
+class RunResult:
+    model: VAE
+    run_dir: Path
+    metrics: dict
+    export_path: Path | None
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves the whole model (weights, optimizer, sampler state) as ``last.keras`` after
+    every epoch and as ``best.keras`` when ``monitor`` improves.
+
+    Unlike ``keras.callbacks.ModelCheckpoint``, each file is written beside its target and
+    renamed, so a run killed while saving never leaves a corrupt checkpoint.
+    """
+
+    def __init__(self, folder, monitor="val_elbo", mode="max"):
+        super().__init__()
+        self.folder = Path(folder)
+        self.monitor, self.sign = monitor, 1.0 if mode == "max" else -1.0
+        self.best = -np.inf
+
+    def _save(self, name):
+        tmp = self.folder / f".{name}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.folder / name)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and self.sign * value > self.best:
+            self.best = self.sign * value
+            self._save("best.keras")
+        self._save("last.keras")
+
+
+def resolve_binarize(config):
+    """Whether the data is binarized: dynamic binarization is the default for Bernoulli."""
+    if config.binarize == "auto":
+        return config.likelihood == "bernoulli"
+    return config.binarize == "dynamic"
+
+
+def evaluation_split(config, data):
+    """The test set as models are scored on it: binarized once, with a fixed seed, when
+    training binarizes."""
+    return datasets.binarize_once(data.x_test) if resolve_binarize(config) else data.x_test
+
+
+def build_model(config, data_shape, steps_per_epoch):
+    model = VAE(
+        data_shape,
+        latent_dim=config.latent_dim,
+        architecture=config.architecture,
+        hidden_units=config.hidden_units,
+        filters=config.filters,
+        activation=config.activation,
+        likelihood=config.likelihood,
+        sigma=config.sigma,
+        learn_sigma=config.learn_sigma,
+        beta=config.beta,
+        kl_warmup_steps=round(config.kl_warmup_epochs * steps_per_epoch),
+        kl=config.kl,
+        objective=config.objective,
+        num_samples=config.num_samples,
+        seed=config.seed,
+    )
+    optimizer = keras.optimizers.get(
+        {"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}})
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def new_run_dir(config):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = config.data.split(":")[0] if ":" in config.data else config.data
+    base = Path(config.runs_dir) / f"{stamp}-{tag}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = Path(f"{base}-{n}")
+    return run_dir
+
+
+def _trim_history(path, epochs):
+    """Keeps the CSV rows of the first ``epochs`` epochs (the ones the checkpoint holds)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epochs]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def read_history(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) for row in rows] for key in rows[0] if key != "epoch"}
+
+
+def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
+    """Trains (or, with ``resume``, continues) the run in ``run_dir``; returns a RunResult.
+
+    A resumed run starts at the epoch after its last checkpoint, with the model, optimizer
+    and sampler state of that checkpoint and the same data order, so it ends with the
+    results the uninterrupted run would have had.
+    """
+    config.validate()
+    keras.utils.set_random_seed(config.seed)
+    data = datasets.load(config.data, config.data_dir)
+    steps = datasets.steps_per_epoch(len(data.x_train), config.batch_size)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        last = checkpoints / "last.keras"
+        if not last.is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
+        model = keras.saving.load_model(last)
+        initial_epoch = int(model.optimizer.iterations.numpy()) // steps
+    else:
+        if (run_dir / "config.json").exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        model = build_model(config, data.shape, steps)
+        initial_epoch = 0
+    config.save(run_dir / "config.json")
+    _trim_history(run_dir / "history.csv", initial_epoch)
+
+    x_test = evaluation_split(config, data)
+    if initial_epoch < config.epochs:
+        train_ds = datasets.training_dataset(
+            data.x_train, config.batch_size, config.seed, resolve_binarize(config),
+            initial_epoch, config.epochs)
+        all_callbacks = [
+            AtomicCheckpoint(checkpoints),
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+            keras.callbacks.TerminateOnNaN(),
+        ]
+        if config.early_stopping_patience:
+            all_callbacks.append(keras.callbacks.EarlyStopping(
+                monitor="val_elbo", mode="max", patience=config.early_stopping_patience,
+                restore_best_weights=True))
+        model.fit(
+            train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            validation_data=datasets.evaluation_dataset(x_test, config.batch_size),
+            callbacks=all_callbacks + list(callbacks), verbose=verbose)
+
+    report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
+    metrics = {"epochs": config.epochs, "test": report}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if config.plots:
+        write_plots(model, run_dir / "plots", read_history(run_dir / "history.csv"), x_test,
+                    data.y_test, config.seed)
+    export_path = export_model(model, config.export_dir, config.export_name)
+    (run_dir / "export.json").write_text(
+        json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")
+    return RunResult(model, run_dir, metrics, export_path)
+
+
+def write_plots(model, folder, history, x_test, y_test, seed=0):
+    """Every figure of a run into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plots.loss_curves(history, folder / "loss_curves.png")
+    plots.reconstructions(x_test, model.reconstruct(x_test[:16]).numpy(),
+                          folder / "reconstructions.png")
+    plots.samples(model.sample(64, seed=seed).numpy(), folder / "samples.png")
+    z_mean = model.encode_params(x_test)[0].numpy()
+    plots.latent_scatter(z_mean, y_test, folder / "latent.png")
+    if model.latent_dim == 2:
+        plots.manifold(lambda z: model.decode(z).mean().numpy(), folder / "manifold.png")
