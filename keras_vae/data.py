@@ -76,19 +76,27 @@ def _tfds(arg, data_dir):
     train_split, _, test_split = splits.partition(":")
     train_split, test_split = train_split or "train", test_split or "test"
     try:
-        parts = tfds.load(name, split=[train_split, test_split], data_dir=data_dir,
-                          batch_size=-1, as_supervised=False)
+        parts = tfds.load(name, split=[train_split, test_split], data_dir=data_dir)
     except Exception as error:
         raise RuntimeError(
             f"Could not load TFDS data set {name!r} (splits {train_split!r}, {test_split!r}, "
             f"data_dir={data_dir!r}): {error}. Without internet access the data must already "
             f"be prepared in data_dir (see `tfds build`).") from error
-    arrays = [tfds.as_numpy(part) for part in parts]
-    if "image" not in arrays[0]:
-        raise ValueError(f"TFDS data set {name!r} has no 'image' feature: {list(arrays[0])}")
-    labels = [part.get("label") for part in arrays]
-    return Data(to_unit_interval(arrays[0]["image"]), to_unit_interval(arrays[1]["image"]),
-                *labels)
+    if "image" not in parts[0].element_spec:
+        raise ValueError(
+            f"TFDS data set {name!r} has no 'image' feature: {list(parts[0].element_spec)}")
+    (x_train, y_train), (x_test, y_test) = (_tfds_arrays(part) for part in parts)
+    return Data(x_train, x_test, y_train, y_test)
+
+
+def _tfds_arrays(split):
+    """(images in [0, 1], labels or None) of a TFDS split, read in batches."""
+    images, labels = [], []
+    for batch in split.batch(4096).as_numpy_iterator():
+        images.append(batch["image"])
+        labels.append(batch.get("label"))
+    y = np.concatenate(labels) if labels[0] is not None else None
+    return to_unit_interval(np.concatenate(images)), y
 
 
 def _npz(path):

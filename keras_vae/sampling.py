@@ -33,6 +33,15 @@ class Sampling(keras.layers.Layer):
             )
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
 
+    # Keras saves a layer's weights but not its SeedGenerator's state; without it a
+    # restored model would redraw the noise it already used, and a resumed run would differ
+    # from the uninterrupted one.
+    def save_own_variables(self, store):
+        store["seed_generator_state"] = self.seed_generator.state.numpy()
+
+    def load_own_variables(self, store):
+        self.seed_generator.state.assign(store["seed_generator_state"])
+
     def compute_output_shape(self, input_shape):
         return input_shape[0]
 

@@ -1,0 +1,138 @@
+"""Training runs as a user starts them: the CLI, run directories, resume, configs."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vae.cli import main
+from keras_vae.config import ConfigError, RunConfig, load_config_file
+from keras_vae.train import train
+
+FAST = ["--hidden-units", "32", "--latent-dim", "2", "--batch-size", "128", "--quiet"]
+
+
+def test_cli_train_on_digits_writes_every_artefact(tmp_path, capsys):
+    runs, exports = tmp_path / "runs", tmp_path / "saved_models"
+    code = main(["train", "--epochs", "2", "--runs-dir", str(runs),
+                 "--export-dir", str(exports), *FAST])
+    assert code == 0
+    (run_dir,) = runs.iterdir()
+    for name in ("config.json", "history.csv", "metrics.json", "export.json",
+                 "checkpoints/best.keras", "checkpoints/last.keras"):
+        assert (run_dir / name).is_file(), name
+    for plot in ("loss_curves", "reconstructions", "samples", "latent", "manifold"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000, plot
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    with open(run_dir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert {"loss", "reconstruction_loss", "kl_loss", "elbo", "val_elbo"} <= set(rows[0])
+    metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert metrics["num_examples"] == 360 and metrics["elbo"]["mean"] < 0
+    saved = json.loads((run_dir / "export.json").read_text())["saved_model"]
+    assert saved.endswith("saved_models/vae/1")
+    assert (exports / "vae" / "1" / "saved_model.pb").is_file()
+    # The saved config rebuilds the run.
+    config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    assert config.epochs == 2 and config.hidden_units == (32,) and config.latent_dim == 2
+    assert "test ELBO" in capsys.readouterr().out
+
+
+class Interrupt(Exception):
+    pass
+
+
+class KillInEpoch(keras.callbacks.Callback):
+    """Stops training in the middle of an epoch, as a killed process would."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.epoch, self.batch, self.current = epoch, batch, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch and batch == self.batch:
+            raise Interrupt()
+
+
+def test_resume_after_a_kill_continues_at_the_right_epoch_with_the_same_results(tmp_path):
+    config = RunConfig(epochs=4, hidden_units=(32,), latent_dim=4, batch_size=128,
+                       runs_dir=str(tmp_path), export_dir=str(tmp_path / "sm"), plots=False)
+    whole = train(config, run_dir=tmp_path / "whole", verbose=0)
+    with pytest.raises(Interrupt):
+        train(config, run_dir=tmp_path / "killed", callbacks=[KillInEpoch(2, 5)], verbose=0)
+    with open(tmp_path / "killed" / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2  # epochs 0 and 1 completed
+    code = main(["train", "--resume", str(tmp_path / "killed"), "--quiet"])
+    assert code == 0
+    resumed = keras.saving.load_model(tmp_path / "killed" / "checkpoints" / "last.keras")
+    assert int(resumed.optimizer.iterations.numpy()) == 4 * 12
+    for a, b in zip(whole.model.weights, resumed.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    with open(tmp_path / "whole" / "history.csv") as f:
+        expected = list(csv.DictReader(f))
+    with open(tmp_path / "killed" / "history.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [r["epoch"] for r in got] == ["0", "1", "2", "3"]
+    np.testing.assert_allclose([float(r["val_elbo"]) for r in got],
+                               [float(r["val_elbo"]) for r in expected], rtol=1e-5)
+
+
+def test_config_file_with_flag_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("latent_dim: 3\nhidden_units: [16, 8]\nbeta: 0.5\n")
+    values = load_config_file(tmp_path / "run.yaml")
+    config = RunConfig.from_dict({"beta": "2"}, base=RunConfig.from_dict(values))
+    assert (config.latent_dim, config.hidden_units, config.beta) == (3, (16, 8), 2.0)
+    (tmp_path / "run.json").write_text(json.dumps({"epochs": 7}))
+    assert RunConfig.from_dict(load_config_file(tmp_path / "run.json")).epochs == 7
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": 0.1}, "unknown config key 'lr'"),
+        ({"latent_dim": "two"}, "config key 'latent_dim' must be of type int"),
+        ({"likelihood": "poisson"}, "config key 'likelihood' must be one of"),
+        ({"epochs": 0}, "config key 'epochs' must be >= 1"),
+        ({"data": "mnist"}, "config key 'data' must be one of"),
+    ],
+)
+def test_bad_settings_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict(values)
+
+
+def test_cli_reports_bad_config_and_missing_files(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("latent_dim: 3\nwidth: 10\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown config key 'width'" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{not json")
+    assert main(["train", "--config", str(tmp_path / "broken.json")]) == 2
+    assert "not valid JSON/YAML" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train", "--data", f"npz:{tmp_path / 'none.npz'}", "--runs-dir",
+                 str(tmp_path / "runs")]) == 2
+    assert "npz data file not found" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "no run directory or .keras model" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_npz_data_through_the_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8))
+    code = main(["train", "--data", f"npz:{tmp_path / 'd.npz'}", "--epochs", "1",
+                 "--likelihood", "gaussian", "--learn-sigma", "shared", "--plots", "false",
+                 "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "sm"),
+                 *FAST])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "metrics.json").read_text())["test"]["num_examples"] == 16
