@@ -6,7 +6,7 @@ For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x
     gap(x)     = log p̂_K(x) − ELBO(x)     (estimates KL(q_φ(z|x) ‖ p_θ(z|x)))
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
 ``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, seeded by
-(seed, batch index, draw index): the same call gives the same numbers, chunked or not.
+(seed, batch index, draw index): the same call gives the same numbers, however chunked.
 """
 
 import math
@@ -60,9 +60,14 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
     bounds = sorted(set(ladder) | set(range(chunk_size, num_samples, chunk_size)))
 
     @tf.function(reduce_retracing=True)
-    def draws(x_batch, count, draw_seed):
-        epsilon = tf.random.stateless_normal(
-            tf.stack([count, tf.shape(x_batch)[0], model.latent_dim]), seed=draw_seed)
+    def draws(x_batch, first, count, batch_index):
+        # ε_k for draw k of batch b is seeded by (seed, b·K + k) alone, so the numbers do
+        # not depend on how the K draws are split into chunks.
+        shape = tf.stack([tf.shape(x_batch)[0], model.latent_dim])
+        epsilon = tf.map_fn(
+            lambda k: tf.random.stateless_normal(
+                shape, seed=tf.stack([tf.constant(seed, tf.int64), batch_index * num_samples + k])),
+            tf.range(first, first + count), fn_output_signature=tf.float32)
         log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon)
         return log_px_z + log_pz - log_qz, log_px_z, kl
 
@@ -73,8 +78,9 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         acc = _Accumulator(len(x_batch))
         done = 0
         for bound in bounds:
-            log_w, log_px_z, kl = draws(x_batch, bound - done,
-                                        tf.constant([seed, b * num_samples + done], tf.int64))
+            log_w, log_px_z, kl = draws(x_batch, tf.constant(done, tf.int64),
+                                        tf.constant(bound - done, tf.int64),
+                                        tf.constant(b, tf.int64))
             acc.add(log_w.numpy(), log_px_z.numpy())
             done = bound
             if bound in by_k:

@@ -170,7 +170,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
                 restore_best_weights=True))
         model.fit(
             train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=steps,
+            steps_per_epoch=steps, shuffle=False,  # the stream is shuffled per epoch
             validation_data=datasets.evaluation_dataset(x_test, config.batch_size),
             callbacks=all_callbacks + list(callbacks), verbose=verbose)
 

@@ -1,0 +1,129 @@
+"""Importance-weighted evaluation and the IWAE objective, proven on probabilistic PCA."""
+
+import json
+
+import numpy as np
+import pytest
+
+from keras_vae.cli import load_run_or_model, main
+from keras_vae.evaluate import evaluate, importance_weighted, k_ladder
+from keras_vae.model import VAE
+
+from test_math import LATENT, SIGMA, D, ppca, ppca_log_px, ppca_vae
+
+
+@pytest.fixture(scope="module")
+def ppca_case():
+    rng = np.random.default_rng(1)
+    w, b = ppca(rng)
+    x = rng.normal(size=(40, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(40, D))
+    model = ppca_vae(w, b)
+    rng = np.random.default_rng(2)
+    for head in (model.z_mean_head, model.z_log_var_head):  # a poorer encoder: a real gap
+        kernel, bias = head.get_weights()
+        head.set_weights([kernel + rng.normal(scale=0.1, size=kernel.shape),
+                          bias + rng.normal(scale=0.1, size=bias.shape)])
+    return model, x.astype("float32"), ppca_log_px(x, w, b)
+
+
+def test_k_ladder():
+    assert k_ladder(5000) == [1, 10, 100, 1000, 5000]
+    assert k_ladder(1000) == [1, 10, 100, 1000]
+    assert k_ladder(1) == [1]
+
+
+def test_estimate_converges_to_exact_log_px_from_below(ppca_case):
+    model, x, exact = ppca_case
+    scores = importance_weighted(model, x, 5000, batch_size=16, chunk_size=1000)
+    errors = {k: scores["log_px_by_k"][k] - exact for k in k_ladder(5000)}
+    gaps = [np.mean(np.abs(errors[k])) for k in (1, 10, 100, 5000)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.1 * gaps[0], gaps
+    # At K = 5000 each example is within 4 of its standard errors (+ float32 slack).
+    assert np.all(np.abs(errors[5000]) < 4 * scores["log_px_se"] + 5e-3)
+    # Below in expectation: the mean error over examples is ≤ 0 up to its SE, at every K.
+    for k in (1, 10, 100):
+        e = errors[k]
+        assert e.mean() < 2 * e.std(ddof=1) / np.sqrt(len(e))
+        assert e.mean() < 0
+    # The ELBO is below log p(x), and the gap estimate is the difference.
+    assert np.all(scores["elbo"] < exact)
+    np.testing.assert_allclose(scores["log_px"], scores["log_px_by_k"][5000])
+
+
+def test_k1_estimate_equals_the_elbo(ppca_case):
+    model, x, _ = ppca_case
+    mc_model = VAE.from_config({**model.get_config(), "kl": "mc"})
+    mc_model.set_weights(model.get_weights())
+    epsilon = np.random.default_rng(0).normal(size=(1, len(x), LATENT)).astype("float32")
+    scores = mc_model.score(x, 1, epsilon=epsilon)
+    # With one draw, log w = log p(x|z) + log p(z) − log q(z|x) is the (Monte Carlo KL) ELBO.
+    np.testing.assert_allclose(scores["log_px"], scores["elbo"], rtol=1e-6)
+    # With the closed-form KL the two agree in expectation: over examples, within SEs.
+    scores = importance_weighted(model, x, 1)
+    diff = scores["log_px"] - scores["elbo"]
+    assert abs(diff.mean()) < 4 * diff.std(ddof=1) / np.sqrt(len(diff))
+
+
+def test_chunking_and_batching_give_the_same_numbers(ppca_case):
+    model, x, _ = ppca_case
+    one_pass = importance_weighted(model, x, 300, batch_size=40, chunk_size=300, seed=5)
+    chunked = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
+    for key in ("elbo", "elbo_se", "log_px", "log_px_se"):
+        np.testing.assert_allclose(chunked[key], one_pass[key], rtol=1e-6, atol=1e-6)
+    again = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
+    np.testing.assert_array_equal(again["log_px"], chunked["log_px"])
+
+
+def test_report_in_nats_and_bits_per_dim(ppca_case):
+    model, x, exact = ppca_case
+    report, scores = evaluate(model, x, num_samples=100)
+    assert report["num_examples"] == 40 and report["k"] == 100
+    assert list(report["log_px_by_k"]) == ["1", "10", "100"]
+    np.testing.assert_allclose(report["log_px"]["mean"], scores["log_px"].mean())
+    np.testing.assert_allclose(
+        report["log_px"]["se"], scores["log_px"].std(ddof=1) / np.sqrt(40))
+    np.testing.assert_allclose(report["gap"]["mean"],
+                               report["log_px"]["mean"] - report["elbo"]["mean"])
+    np.testing.assert_allclose(report["bits_per_dim"],
+                               -report["log_px"]["mean"] / (D * np.log(2)))
+
+
+def test_iwae_objective(digits):
+    x = digits[:32]
+    k1 = VAE((8, 8, 1), latent_dim=4, hidden_units=(16,), objective="iwae", num_samples=1,
+             kl="mc", seed=0)
+    terms = k1.compute_terms(x, seed=3)
+    np.testing.assert_allclose(terms["loss"], -terms["elbo"], rtol=1e-6)  # K = 1: the ELBO
+    k5 = VAE.from_config({**k1.get_config(), "num_samples": 5})
+    k5.set_weights(k1.get_weights())
+    terms = k5.compute_terms(x, seed=3)
+    # log mean w ≥ mean log w (Jensen), draw for draw: the IWAE loss is below −ELBO.
+    assert np.all(terms["loss"].numpy() <= -terms["elbo"].numpy() + 1e-5)
+    k5.compile(optimizer="adam")
+    history = k5.fit(digits[:512], epochs=3, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path):
+    assert main(["train", "--epochs", "1", "--hidden-units", "16", "--latent-dim", "3",
+                 "--plots", "false", "--quiet", "--run-dir", str(tmp_path / "run"),
+                 "--export-dir", str(tmp_path / "sm")]) == 0
+    model, config = load_run_or_model(tmp_path / "run")
+    from keras_vae.data import load
+    from keras_vae.train import evaluation_split
+
+    x = evaluation_split(config, load("digits"))[:50]
+    in_memory, _ = evaluate(model, x, num_samples=20, seed=1)
+    reports = []
+    for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras"):
+        out = tmp_path / f"{target.name}.json"
+        args = ["evaluate", str(target), "--k", "20", "--seed", "1", "--limit", "50",
+                "--output", str(out), "--per-example", str(tmp_path / "scores.npz")]
+        if target.suffix == ".keras":
+            args += ["--data", "digits", "--binarize", "dynamic"]
+        assert main(args) == 0
+        reports.append(json.loads(out.read_text()))
+    for report in reports:
+        for key in ("elbo", "log_px", "gap"):
+            assert report[key]["mean"] == pytest.approx(in_memory[key]["mean"], rel=1e-6)
+    assert np.load(tmp_path / "scores.npz")["log_px"].shape == (50,)
