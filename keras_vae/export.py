@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 SCORE_SAMPLES = 256
@@ -33,15 +34,20 @@ def serving_functions(model):
     score_epsilon = tf.random.stateless_normal(
         (SCORE_SAMPLES, 1, model.latent_dim), seed=SCORE_SEED)
 
+    # Signature calls do not check shapes; a wrong one must fail here, with the expected
+    # shape in the message, rather than deep inside a matmul.
+    def checked_x(x):
+        return model._checked(tf.ensure_shape(x, x_spec.shape))
+
     @tf.function(input_signature=[x_spec])
     def serving_default(x):
-        z_mean, z_log_var = model.encode_params(model._checked(x))
+        z_mean, z_log_var = model.encode_params(checked_x(x))
         return {"reconstruction": model.decode(z_mean).mean(), "z_mean": z_mean,
                 "z_log_var": z_log_var}
 
     @tf.function(input_signature=[x_spec])
     def encode(x):
-        z_mean, z_log_var = model.encode_params(model._checked(x))
+        z_mean, z_log_var = model.encode_params(checked_x(x))
         return {"z_mean": z_mean, "z_log_var": z_log_var}
 
     def decoded(z):
@@ -55,7 +61,7 @@ def serving_functions(model):
 
     @tf.function(input_signature=[z_spec])
     def decode(z):
-        return decoded(z)
+        return decoded(tf.ensure_shape(z, z_spec.shape))
 
     @tf.function(input_signature=[seed_spec])
     def sample(seed):
@@ -67,7 +73,7 @@ def serving_functions(model):
 
     @tf.function(input_signature=[x_spec])
     def score(x):
-        return model.score(x, SCORE_SAMPLES, epsilon=score_epsilon)
+        return model.score(checked_x(x), SCORE_SAMPLES, epsilon=score_epsilon)
 
     return {"serving_default": serving_default, "encode": encode, "decode": decode,
             "sample": sample, "score": score}
@@ -100,6 +106,7 @@ def export_model(model, export_dir="saved_models", name="vae"):
         (extra / "keras_vae.json").write_text(json.dumps(
             {"config": model.get_config(), "score_samples": SCORE_SAMPLES,
              "signatures": list(SERVING_SIGNATURES)}, indent=2))
+        write_warmup_requests(extra / "tf_serving_warmup_requests", model, name)
         version_dir = model_dir / str(next_version(model_dir))
         if version_dir.exists():
             raise FileExistsError(f"export version folder already exists: {version_dir}")
@@ -108,6 +115,21 @@ def export_model(model, export_dir="saved_models", name="vae"):
         shutil.rmtree(tmp, ignore_errors=True)
     write_models_config(model_dir, name)
     return version_dir
+
+
+def write_warmup_requests(path, model, name):
+    """TF Serving replays these at load time, so the first real request pays no tracing."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from keras_vae.serving import grpc_request
+
+    x = np.zeros((1,) + model.data_shape, "float32")
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature in ("serving_default", "score"):
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(
+                    request=grpc_request(name, signature, {"x": x})))
+            writer.write(log.SerializeToString())
 
 
 def write_models_config(model_dir, name):

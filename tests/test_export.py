@@ -1,0 +1,257 @@
+"""The SavedModel contract: signatures, loading without keras_vae, TF Serving clients."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from concurrent import futures
+
+import grpc
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
+
+from keras_vae import VAE, serving
+from keras_vae.evaluate import importance_weighted
+from keras_vae.export import SCORE_SAMPLES, SCORE_SEED, SERVING_SIGNATURES, export_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, digits):
+    model = VAE((8, 8, 1), latent_dim=3, hidden_units=(32,), likelihood="gaussian",
+                learn_sigma="shared", sigma=0.3, seed=0)
+    model.compile(optimizer="adam")
+    model.fit(digits[:512], epochs=2, batch_size=64, verbose=0)
+    root = tmp_path_factory.mktemp("saved_models")
+    return model, export_model(model, root, "digits")
+
+
+def inputs_for(signature, x, z, seeds):
+    return {"decode": {"z": z}, "sample": {"seed": seeds}}.get(signature, {"x": x})
+
+
+def expected_outputs(model, x, z, seeds):
+    """Each signature's outputs computed independently from the in-memory model."""
+    z_mean, z_log_var = (t.numpy() for t in model.encode_params(x))
+    decoded = model.decode(z)
+    sample_z = np.stack([tf.random.stateless_normal((3,), seed=[s, 0]).numpy() for s in seeds])
+    epsilon = tf.random.stateless_normal((SCORE_SAMPLES, 1, 3), seed=SCORE_SEED)
+    score = model.score(x, SCORE_SAMPLES, epsilon=epsilon)
+    return {
+        "serving_default": {"reconstruction": model.reconstruct(x).numpy(), "z_mean": z_mean,
+                            "z_log_var": z_log_var},
+        "encode": {"z_mean": z_mean, "z_log_var": z_log_var},
+        "decode": {"mean": decoded.mean().numpy(),
+                   "loc": decoded.distribution.loc.numpy(),
+                   "scale": np.broadcast_to(model.likelihood.scale().numpy(), (len(z), 8, 8, 1))},
+        "sample": {"z": sample_z, "mean": model.decode(sample_z).mean().numpy()},
+        "score": {key: value.numpy() for key, value in score.items()},
+    }
+
+
+def test_saved_model_cli_lists_every_signature(exported):
+    _, path = exported
+    shown = subprocess.run(["saved_model_cli", "show", "--all", "--dir", str(path)],
+                           check=True, capture_output=True, text=True).stdout
+    for signature, inputs, outputs in [
+        ("serving_default", ["x"], ["reconstruction", "z_mean", "z_log_var"]),
+        ("encode", ["x"], ["z_mean", "z_log_var"]),
+        ("decode", ["z"], ["mean", "loc", "scale"]),
+        ("sample", ["seed"], ["z", "mean"]),
+        ("score", ["x"], ["elbo", "log_px"]),
+    ]:
+        block = shown.split(f"signature_def['{signature}']:")[1].split("signature_def[")[0]
+        assert "Method name is: tensorflow/serving/predict" in block
+        for name in inputs + outputs:
+            assert f"['{name}'] tensor_info:" in block, (signature, name)
+        assert "DT_HALF" not in block and "DT_BFLOAT16" not in block
+        assert "DT_INVALID" not in block
+    assert "shape: (-1, 8, 8, 1)" in shown and "shape: (-1, 3)" in shown
+    assert "dtype: DT_INT64" in shown.split("signature_def['sample']:")[1]
+
+
+LOADER = textwrap.dedent("""
+    import sys
+    # keras_vae, Keras and TFP must not be needed to serve the model.
+    sys.modules["keras"] = sys.modules["keras_vae"] = None
+    sys.modules["tensorflow_probability"] = None
+    import json, numpy as np, tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    inputs = np.load(sys.argv[2])
+    out = {}
+    for name, fn in loaded.signatures.items():
+        arg = {"decode": "z", "sample": "seed"}.get(name, "x")
+        for key, value in fn(**{arg: tf.constant(inputs[arg])}).items():
+            out[f"{name}/{key}"] = value.numpy()
+    np.savez(sys.argv[3], **out)
+""")
+
+
+def test_loads_without_keras_vae_and_reproduces_the_model(exported, digits, tmp_path):
+    model, path = exported
+    x, z = digits[:5], np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    seeds = np.array([3, 7, 3, 11, 0], np.int64)
+    np.savez(tmp_path / "in.npz", x=x, z=z, seed=seeds)
+    subprocess.run([sys.executable, "-c", LOADER, str(path), str(tmp_path / "in.npz"),
+                    str(tmp_path / "out.npz")], check=True, capture_output=True)
+    got = np.load(tmp_path / "out.npz")
+    expected = expected_outputs(model, x, z, seeds)
+    assert {key.split("/")[0] for key in got.files} == set(SERVING_SIGNATURES)
+    for signature, outputs in expected.items():
+        assert {k.split("/")[1] for k in got.files if k.startswith(signature + "/")} == set(outputs)
+        for key, value in outputs.items():
+            np.testing.assert_allclose(got[f"{signature}/{key}"], value, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{signature}/{key}")
+    # A seed gives the same row wherever it stands in the batch; other seeds differ.
+    np.testing.assert_array_equal(got["sample/z"][0], got["sample/z"][2])
+    assert not np.allclose(got["sample/z"][0], got["sample/z"][1])
+
+
+def test_tfsmlayer_and_reproducibility(exported, digits):
+    model, path = exported
+    layer = keras.layers.TFSMLayer(str(path), call_endpoint="encode")
+    out = layer(digits[:4])
+    np.testing.assert_allclose(out["z_mean"], model.encode_params(digits[:4])[0], atol=1e-5)
+    score = tf.saved_model.load(str(path)).signatures["score"]
+    first = score(x=tf.constant(digits[:6]))
+    np.testing.assert_array_equal(first["log_px"], score(x=tf.constant(digits[:6]))["log_px"])
+    # Each row's score depends on that row alone.
+    np.testing.assert_allclose(score(x=tf.constant(digits[2:3]))["log_px"],
+                               first["log_px"][2:3], rtol=1e-5)
+
+
+def test_score_agrees_with_the_evaluation_module(exported, digits):
+    model, path = exported
+    x = digits[:40]
+    served = tf.saved_model.load(str(path)).signatures["score"](x=tf.constant(x))
+    scores = importance_weighted(model, x, SCORE_SAMPLES, seed=9)
+    # Independent draws of the same estimators: equal within their standard errors.
+    diff = served["log_px"].numpy() - scores["log_px"]
+    assert np.all(np.abs(diff) < 5 * np.sqrt(2) * scores["log_px_se"] + 0.05)
+    diff = served["elbo"].numpy() - scores["elbo"]
+    assert np.all(np.abs(diff) < 5 * np.sqrt(2) * scores["elbo_se"] + 0.05)
+
+
+def test_bad_inputs_are_refused(exported, digits):
+    _, path = exported
+    signatures = tf.saved_model.load(str(path)).signatures
+    shape_error = r"Shape of tensor \w+ \[2,(64|4)\] is not compatible with expected shape"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=shape_error):
+        signatures["encode"](x=tf.zeros((2, 64)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=shape_error):
+        signatures["score"](x=tf.zeros((2, 64)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=shape_error):
+        signatures["decode"](z=tf.zeros((2, 4)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="expected to be a float tensor"):
+        signatures["encode"](x=tf.zeros((2, 8, 8, 1), tf.int32))
+    bad = digits[:2].copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
+        signatures["serving_default"](x=tf.constant(bad))
+
+
+def _tree_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_export_is_version_2_and_leaves_version_1(exported):
+    model, path = exported
+    before = _tree_digest(path)
+    second = export_model(model, path.parent.parent, "digits")
+    assert (path.name, second.name) == ("1", "2")
+    assert _tree_digest(path) == before
+    config = text_format.Parse((path.parent / "models.config").read_text(),
+                               model_server_config_pb2.ModelServerConfig())
+    (entry,) = config.model_config_list.config
+    assert (entry.name, entry.base_path) == ("digits", "/models/digits")
+    assert entry.model_version_policy.latest.num_versions == 2
+
+
+def test_failed_export_leaves_nothing(exported, monkeypatch, tmp_path):
+    model, _ = exported
+
+    def broken(*args, **kwargs):  # fails after the SavedModel itself is written
+        raise OSError("disk full")
+
+    monkeypatch.setattr("keras_vae.export.write_warmup_requests", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, tmp_path, "m")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == []
+
+
+def test_export_has_no_xla_and_ships_warmup_requests(exported):
+    _, path = exported
+    graph = (path / "saved_model.pb").read_bytes()
+    assert b"_XlaMustCompile" not in graph
+    records = list(tf.data.TFRecordDataset(
+        str(path / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) == 2
+    meta = json.loads((path / "assets.extra" / "keras_vae.json").read_text())
+    assert meta["score_samples"] == SCORE_SAMPLES
+
+
+def test_rest_json_round_trip(digits):
+    x = digits[:3]
+    rows = serving.rest_request("encode", {"x": x})
+    assert rows["signature_name"] == "encode" and len(rows["instances"]) == 3
+    np.testing.assert_array_equal(np.asarray([r["x"] for r in rows["instances"]],
+                                             "float32"), x)
+    columns = json.loads(json.dumps(serving.rest_request("encode", {"x": x}, row_format=False)))
+    np.testing.assert_array_equal(np.asarray(columns["inputs"]["x"], "float32"), x)
+    parsed = serving.parse_rest_response(
+        {"predictions": [{"z_mean": [1.0, 2.0]}, {"z_mean": [3.0, 4.0]}]})
+    np.testing.assert_array_equal(parsed["z_mean"], [[1, 2], [3, 4]])
+    parsed = serving.parse_rest_response({"outputs": {"elbo": [-1.5, -2.5]}})
+    np.testing.assert_array_equal(parsed["elbo"], [-1.5, -2.5])
+    with pytest.raises(ValueError, match="equal batch sizes"):
+        serving.rest_request("score", {"x": x, "y": x[:2]})
+
+
+def test_grpc_request_converts_back_exactly(digits):
+    seeds = np.array([1, 2, 2**40], np.int64)
+    request = serving.grpc_request("vae", "sample", {"seed": seeds}, version=3)
+    assert (request.model_spec.name, request.model_spec.signature_name) == ("vae", "sample")
+    assert request.model_spec.version.value == 3
+    np.testing.assert_array_equal(tf.make_ndarray(request.inputs["seed"]), seeds)
+    request = serving.grpc_request("vae", "encode", {"x": digits[:4]})
+    got = tf.make_ndarray(request.inputs["x"])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, digits[:4])
+
+
+class SavedModelServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """A stand-in for TF Serving's Predict: runs the requested signature of a SavedModel."""
+
+    def __init__(self, path):
+        self.signatures = tf.saved_model.load(str(path)).signatures
+
+    def Predict(self, request, context):
+        fn = self.signatures[request.model_spec.signature_name or "serving_default"]
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        response = predict_pb2.PredictResponse()
+        response.model_spec.CopyFrom(request.model_spec)
+        for key, value in fn(**inputs).items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+        return response
+
+
+def test_grpc_client_end_to_end_on_loopback(exported, digits):
+    model, path = exported
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        SavedModelServicer(path), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            out = serving.predict_grpc(channel, "digits", "encode", {"x": digits[:4]},
+                                       timeout=20)
+    finally:
+        server.stop(grace=None)
+    np.testing.assert_allclose(out["z_mean"], model.encode_params(digits[:4])[0], atol=1e-5)
