@@ -11,10 +11,10 @@ from keras_vae.sampling import Sampling
 
 __all__ = [
     "VAE",
-    "Sampling",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "GaussianLikelihood",
+    "Sampling",
     "get_likelihood",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,6 @@ import numpy as np
 
 from keras_vae import data as datasets
 from keras_vae import plots
-from keras_vae.config import RunConfig
 from keras_vae.evaluate import evaluate
 from keras_vae.export import export_model
 from keras_vae.model import VAE

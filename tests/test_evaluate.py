@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from test_math import LATENT, SIGMA, D, ppca, ppca_log_px, ppca_vae
 
 from keras_vae.cli import load_run_or_model, main
 from keras_vae.evaluate import evaluate, importance_weighted, k_ladder
 from keras_vae.model import VAE
-
-from test_math import LATENT, SIGMA, D, ppca, ppca_log_px, ppca_vae
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_chunking_and_batching_give_the_same_numbers(ppca_case):
 
 
 def test_report_in_nats_and_bits_per_dim(ppca_case):
-    model, x, exact = ppca_case
+    model, x, _exact = ppca_case
     report, scores = evaluate(model, x, num_samples=100)
     assert report["num_examples"] == 40 and report["k"] == 100
     assert list(report["log_px_by_k"]) == ["1", "10", "100"]
