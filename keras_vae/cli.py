@@ -54,6 +54,9 @@ def _cmd_train(args):
     config = RunConfig.from_dict(overrides, base=base)
     result = train(config, run_dir=run_dir, resume=bool(args.resume),
                    verbose=0 if args.quiet else 1)
+    if result.export_path is None:
+        print(f"worker finished; the chief writes the run (scratch: {result.run_dir})")
+        return
     test = result.metrics["test"]
     print(f"run directory: {result.run_dir}")
     print(f"test ELBO {test['elbo']['mean']:.2f} ± {test['elbo']['se']:.2f} nats, "

@@ -13,6 +13,8 @@ from keras_vae.model import KL_ESTIMATORS, OBJECTIVES
 from keras_vae.networks import ARCHITECTURES
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 BINARIZE = ("auto", "dynamic", "none")
 DATA_KINDS = ("digits", "tfds:", "npz:", "images:")
 
@@ -51,6 +53,11 @@ class RunConfig:
     epochs: int = 40
     early_stopping_patience: int = 0  # 0: off
     seed: int = 0
+    # speed and scale
+    strategy: str = "default"  # mirrored: GPUs of one host; multi_worker: hosts (TF_CONFIG)
+    precision: str = "float32"  # mixed_float16 / mixed_bfloat16 for GPUs
+    jit_compile: bool = False  # XLA for the train step
+    steps_per_execution: int = 1
     # outputs
     runs_dir: str = "runs"
     export_dir: str = "saved_models"
@@ -70,6 +77,9 @@ class RunConfig:
             ("kl", self.kl in KL_ESTIMATORS, f"must be one of {KL_ESTIMATORS}"),
             ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+            ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
+            ("steps_per_execution", self.steps_per_execution >= 1, "must be >= 1"),
             ("latent_dim", self.latent_dim >= 1, "must be >= 1"),
             ("num_samples", self.num_samples >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

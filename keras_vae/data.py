@@ -163,7 +163,15 @@ def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     epochs_ds = tf.data.Dataset.range(initial_epoch, epochs)
-    return epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE))
+
+
+def _shard_by_data(dataset):
+    """Multi-worker runs split each global batch between workers (the data is in memory,
+    there are no files to shard)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def _gather(x, idx, binarize, seed, step):
@@ -176,5 +184,6 @@ def _gather(x, idx, binarize, seed, step):
 
 
 def evaluation_dataset(x, batch_size):
-    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(
-        tf.data.AUTOTUNE)
+    return _shard_by_data(
+        tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(
+            tf.data.AUTOTUNE))

@@ -47,6 +47,8 @@ class VAE(keras.Model):
         num_samples: K, the samples of z per example in the training objective.
         seed: seed of the sampling noise.
         check_inputs: assert that every batch is finite and in the likelihood's support.
+        dtype: the networks' dtype policy, e.g. ``"mixed_float16"`` or ``"mixed_bfloat16"``
+            on GPUs; sampling, distributions and losses are float32 in any case.
     """
 
     def __init__(
@@ -97,13 +99,16 @@ class VAE(keras.Model):
         self.seed = seed
         self.check_inputs = bool(check_inputs)
 
+        # The networks compute in the model's dtype policy (e.g. dtype="mixed_float16");
+        # the sampler, the distributions and the loss stay in float32.
+        policy = self.dtype_policy
         self.encoder_network, self.decoder_network = build_networks(
             architecture, self.data_shape, self.latent_dim, self.hidden_units, self.filters,
-            activation,
+            activation, dtype=policy,
         )
-        self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean")
-        self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var")
-        # float32: the noise and the distributions stay in float32 under mixed precision.
+        self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean", dtype=policy)
+        self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var",
+                                                 dtype=policy)
         self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
         self.likelihood = get_likelihood(likelihood, sigma=sigma, learn_sigma=learn_sigma)
 
@@ -221,10 +226,10 @@ class VAE(keras.Model):
         x = _features(data)
         with tf.GradientTape() as tape:
             terms = self.compute_terms(x, training=True)
-            # Each replica averages over its share of the global batch and gradients are
-            # summed over replicas: divide by their number to get the global-batch mean.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss = self.optimizer.scale_loss(ops.mean(terms["loss"]) / replicas)
+            # Gradients are summed over replicas, so each replica divides its sum by the
+            # global batch size: the result is the mean over the global batch, also when
+            # the replicas' shares differ.
+            loss = self.optimizer.scale_loss(ops.sum(terms["loss"]) / _global_batch_size(x))
         gradients = tape.gradient(loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         return self._update_metrics(terms)
@@ -236,7 +241,12 @@ class VAE(keras.Model):
         # Per-example values: each metric is the mean over examples, not over batches.
         for tracker in self.metrics:
             tracker.update_state(terms[tracker.name])
-        return {tracker.name: tracker.result() for tracker in self.metrics}
+        results = {tracker.name: tracker.result() for tracker in self.metrics}
+        if _spans_workers(tf.distribute.get_strategy()):
+            # Keras reduces multi-worker logs with reduce(MEAN, axis=0), which fails on
+            # scalars (tensorflow/tensorflow#72388): give it one value per replica.
+            results = {name: ops.expand_dims(value, 0) for name, value in results.items()}
+        return results
 
     # ------------------------------------------------------------------ public API
     def reconstruct(self, x):
@@ -312,6 +322,20 @@ def log_mean_exp(values, axis=0):
     """log (1/K) Σ_k exp(values_k) along ``axis``, computed stably with logsumexp."""
     count = ops.cast(ops.shape(values)[axis], values.dtype)
     return ops.logsumexp(values, axis=axis) - ops.log(count)
+
+
+def _spans_workers(strategy):
+    """True when the strategy has replicas in other processes (multi-worker training)."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
+
+
+def _global_batch_size(x):
+    local = ops.cast(ops.shape(x)[0], "float32")
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return local
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
 
 def _features(data):

@@ -13,22 +13,22 @@ import keras
 ARCHITECTURES = ("mlp", "conv")
 
 
-def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu"):
+def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu", dtype=None):
     """x → flatten → Dense(h₁) → … → Dense(h_n)."""
-    layers = [keras.Input(shape=data_shape), keras.layers.Flatten()]
-    layers += [keras.layers.Dense(units, activation=activation) for units in hidden_units]
+    layers = [keras.Input(shape=data_shape), keras.layers.Flatten(dtype=dtype)]
+    layers += [keras.layers.Dense(units, activation=activation, dtype=dtype) for units in hidden_units]
     return keras.Sequential(layers, name="encoder_network")
 
 
-def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="relu"):
+def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="relu", dtype=None):
     """z → Dense(h_n) → … → Dense(h₁) → Dense(prod(data_shape)) → reshape (mirror of the encoder)."""
     layers = [keras.Input(shape=(latent_dim,))]
     layers += [
-        keras.layers.Dense(units, activation=activation) for units in reversed(hidden_units)
+        keras.layers.Dense(units, activation=activation, dtype=dtype) for units in reversed(hidden_units)
     ]
     layers += [
-        keras.layers.Dense(math.prod(data_shape)),
-        keras.layers.Reshape(data_shape),
+        keras.layers.Dense(math.prod(data_shape), dtype=dtype),
+        keras.layers.Reshape(data_shape, dtype=dtype),
     ]
     return keras.Sequential(layers, name="decoder_network")
 
@@ -49,7 +49,8 @@ def _check_image_shape(data_shape, filters):
         )
 
 
-def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="relu"):
+def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="relu",
+                 dtype=None):
     """x → Conv2D(f, 3, stride 2) for each f → flatten → Dense(h) for each h.
 
     With the defaults this is the encoder of the official Keras VAE example.
@@ -57,15 +58,16 @@ def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="r
     _check_image_shape(data_shape, filters)
     layers = [keras.Input(shape=data_shape)]
     layers += [
-        keras.layers.Conv2D(f, 3, strides=2, padding="same", activation=activation)
+        keras.layers.Conv2D(f, 3, strides=2, padding="same", activation=activation,
+                            dtype=dtype)
         for f in filters
     ]
-    layers.append(keras.layers.Flatten())
-    layers += [keras.layers.Dense(units, activation=activation) for units in hidden_units]
+    layers.append(keras.layers.Flatten(dtype=dtype))
+    layers += [keras.layers.Dense(units, activation=activation, dtype=dtype) for units in hidden_units]
     return keras.Sequential(layers, name="encoder_network")
 
 
-def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu"):
+def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dtype=None):
     """z → Dense → reshape to (H/2ⁿ, W/2ⁿ, f_n) → Conv2DTranspose(f, 3, stride 2) for f in
     reversed(filters) → Conv2DTranspose(channels, 3) (linear: logits or means).
 
@@ -77,29 +79,32 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu"):
     start = (height // factor, width // factor, filters[-1])
     layers = [
         keras.Input(shape=(latent_dim,)),
-        keras.layers.Dense(math.prod(start), activation=activation),
-        keras.layers.Reshape(start),
+        keras.layers.Dense(math.prod(start), activation=activation, dtype=dtype),
+        keras.layers.Reshape(start, dtype=dtype),
     ]
     layers += [
-        keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same", activation=activation)
+        keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same", activation=activation,
+                                     dtype=dtype)
         for f in reversed(filters)
     ]
-    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same"))
+    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype=dtype))
     return keras.Sequential(layers, name="decoder_network")
 
 
-def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation):
-    """Returns ``(encoder_network, decoder_network)`` of the named family."""
+def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation,
+                   dtype=None):
+    """Returns ``(encoder_network, decoder_network)`` of the named family, their layers in
+    the dtype policy ``dtype`` (default: the global one)."""
     data_shape = tuple(data_shape)
     if architecture == "mlp":
         return (
-            mlp_encoder(data_shape, hidden_units, activation),
-            mlp_decoder(data_shape, latent_dim, hidden_units, activation),
+            mlp_encoder(data_shape, hidden_units, activation, dtype),
+            mlp_decoder(data_shape, latent_dim, hidden_units, activation, dtype),
         )
     if architecture == "conv":
         return (
-            conv_encoder(data_shape, filters, hidden_units, activation),
-            conv_decoder(data_shape, latent_dim, filters, activation),
+            conv_encoder(data_shape, filters, hidden_units, activation, dtype),
+            conv_decoder(data_shape, latent_dim, filters, activation, dtype),
         )
     raise ValueError(
         f"Unknown architecture {architecture!r}; expected one of {ARCHITECTURES}."

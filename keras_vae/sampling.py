@@ -1,6 +1,7 @@
 """The reparameterized sampling layer: z = μ + σ ⊙ ε, ε ~ N(0, I)."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -28,10 +29,24 @@ class Sampling(keras.layers.Layer):
             shape = ops.shape(z_mean)
             if num_samples is not None:
                 shape = (num_samples,) + tuple(shape)
-            epsilon = keras.random.normal(
-                shape, dtype=z_mean.dtype, seed=self.seed_generator if seed is None else seed
-            )
+            epsilon = self._noise(shape, z_mean.dtype, seed)
         return z_mean + ops.exp(0.5 * z_log_var) * epsilon
+
+    def _noise(self, shape, dtype, seed):
+        seed = self.seed_generator if seed is None else seed
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return keras.random.normal(shape, dtype=dtype, seed=seed)
+        # Under tf.distribute each replica draws the noise of the whole global batch and
+        # keeps its own rows: training then matches one device for the same seed.
+        axis = len(shape) - 2
+        rows = shape[axis]
+        global_shape = list(shape)
+        global_shape[axis] = rows * context.num_replicas_in_sync
+        noise = keras.random.normal(global_shape, dtype=dtype, seed=seed)
+        start = [0] * len(shape)
+        start[axis] = context.replica_id_in_sync_group * rows
+        return tf.slice(noise, start, shape)
 
     # Keras saves a layer's weights but not its SeedGenerator's state; without it a
     # restored model would redraw the noise it already used, and a resumed run would differ

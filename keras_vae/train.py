@@ -7,12 +7,14 @@ A run directory holds ``config.json``, ``history.csv``, ``checkpoints/{last,best
 import csv
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_vae import data as datasets
 from keras_vae import plots
@@ -73,6 +75,7 @@ def evaluation_split(config, data):
 
 
 def build_model(config, data_shape, steps_per_epoch):
+    """The compiled VAE of ``config``, its networks in ``config.precision``."""
     model = VAE(
         data_shape,
         latent_dim=config.latent_dim,
@@ -89,11 +92,31 @@ def build_model(config, data_shape, steps_per_epoch):
         objective=config.objective,
         num_samples=config.num_samples,
         seed=config.seed,
+        dtype=config.precision,
     )
     optimizer = keras.optimizers.get(
         {"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}})
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile,
+                  steps_per_execution=config.steps_per_execution)
     return model
+
+
+def make_strategy(name):
+    """The ``tf.distribute`` strategy for the ``strategy`` config key."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def new_run_dir(config):
@@ -133,22 +156,29 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     """
     config.validate()
     keras.utils.set_random_seed(config.seed)
+    strategy = make_strategy(config.strategy)
     data = datasets.load(config.data, config.data_dir)
     steps = datasets.steps_per_epoch(len(data.x_train), config.batch_size)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    last = run_dir / "checkpoints" / "last.keras"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
+    if not resume and (run_dir / "config.json").exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+    chief = is_chief(strategy)
+    if not chief:
+        # Every worker of a multi-worker run saves (saving reads mirrored variables), but
+        # only the chief's files are the run's: the others write to a scratch folder.
+        run_dir = Path(tempfile.mkdtemp(prefix="keras-vae-worker-"))
     checkpoints = run_dir / "checkpoints"
-    if resume:
-        last = checkpoints / "last.keras"
-        if not last.is_file():
-            raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
-        model = keras.saving.load_model(last)
-        initial_epoch = int(model.optimizer.iterations.numpy()) // steps
-    else:
-        if (run_dir / "config.json").exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        model = build_model(config, data.shape, steps)
-        initial_epoch = 0
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    with strategy.scope():
+        if resume:
+            model = keras.saving.load_model(last)
+            initial_epoch = int(model.optimizer.iterations.numpy()) // steps
+        else:
+            model = build_model(config, data.shape, steps)
+            initial_epoch = 0
     config.save(run_dir / "config.json")
     _trim_history(run_dir / "history.csv", initial_epoch)
 
@@ -173,6 +203,8 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             validation_data=datasets.evaluation_dataset(x_test, config.batch_size),
             callbacks=all_callbacks + list(callbacks), verbose=verbose)
 
+    if not chief:
+        return RunResult(model, run_dir, {}, None)
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
     metrics = {"epochs": config.epochs, "test": report}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

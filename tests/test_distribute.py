@@ -1,0 +1,102 @@
+"""tf.distribute and mixed precision: the same training on several devices and workers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import tensorflow as tf
+
+from keras_vae.cli import main
+
+MIRRORED = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from keras_vae import VAE
+    from keras_vae.data import load
+    x = load("digits").x_train[:512]
+
+    def run(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = VAE((8, 8, 1), latent_dim=4, hidden_units=(32,), seed=0)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        # global batch 64: 32 per replica under MirroredStrategy
+        history = model.fit(tf.data.Dataset.from_tensor_slices(x).batch(64), epochs=3,
+                            shuffle=False, verbose=0)
+        return history.history["loss"], [w.numpy().tolist() for w in model.trainable_weights]
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    one = run(tf.distribute.OneDeviceStrategy(devices[0]))
+    two = run(tf.distribute.MirroredStrategy(devices))
+    json.dump({"one": one, "two": two, "replicas": len(devices)}, open(sys.argv[1], "w"))
+""")
+
+
+def test_mirrored_on_two_devices_matches_one_device(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, "-c", MIRRORED, str(out)], check=True,
+                   capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["replicas"] == 2
+    (loss_one, weights_one), (loss_two, weights_two) = result["one"], result["two"]
+    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
+    for a, b in zip(weights_one, weights_two):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_worker_trains_with_two_processes(tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    args = ["-m", "keras_vae.cli", "train", "--strategy", "multi_worker", "--epochs", "2",
+            "--hidden-units", "32", "--latent-dim", "2", "--batch-size", "128", "--quiet",
+            "--plots", "false", "--run-dir", str(tmp_path / "run"),
+            "--export-dir", str(tmp_path / "sm")]
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, *args], env=env, cwd=tmp_path,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [w.communicate(timeout=240)[0].decode() for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    # The chief (worker 0) writes the run; both trained every epoch.
+    with open(tmp_path / "run" / "history.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,elbo")
+    assert (tmp_path / "sm" / "vae" / "1" / "saved_model.pb").is_file()
+    assert not (tmp_path / "sm" / "vae" / "2").exists()  # only the chief exported
+
+
+def test_mixed_precision_trains_and_exports_float32(tmp_path):
+    assert main(["train", "--precision", "mixed_float16", "--epochs", "2", "--hidden-units",
+                 "32", "--latent-dim", "3", "--quiet", "--plots", "false",
+                 "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "sm")]) == 0
+    import keras
+
+    model = keras.saving.load_model(tmp_path / "run" / "checkpoints" / "last.keras")
+    assert model.encoder_network.layers[1].dtype_policy.name == "mixed_float16"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 3
+    loaded = tf.saved_model.load(str(tmp_path / "sm" / "vae" / "1"))
+    x = tf.constant(np.random.default_rng(0).uniform(size=(2, 8, 8, 1)).astype("float32"))
+    for name in ("serving_default", "score"):
+        for value in loaded.signatures[name](x=x).values():
+            assert value.dtype == tf.float32 and np.all(np.isfinite(value.numpy()))
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is untouched
