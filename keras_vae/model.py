@@ -173,11 +173,13 @@ class VAE(keras.Model):
         step = ops.cast(self.optimizer.iterations + 1, "float32")
         return self.beta * ops.minimum(1.0, step / self.kl_warmup_steps)
 
-    def log_weights(self, x, num_samples=1, training=False, seed=None, epsilon=None):
+    def log_weights(self, x, num_samples=1, training=False, seed=None, epsilon=None,
+                    densities=True):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
         log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch].
 
-        ``epsilon`` ([K, batch or 1, d]) fixes the noise of z_k = μ + σ ⊙ ε_k.
+        ``epsilon`` ([K, batch or 1, d]) fixes the noise of z_k = μ + σ ⊙ ε_k. With
+        ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None).
         """
         x = self._checked(x)
         z_mean, z_log_var = self.encode_params(x, training=training)
@@ -185,10 +187,11 @@ class VAE(keras.Model):
         prior = self.prior()
         z = self.sampling(
             (z_mean, z_log_var), num_samples=num_samples, seed=seed, epsilon=epsilon)
-        log_px_z = self.decode(z, training=training).log_prob(ops.cast(x, "float32"))
-        return log_px_z, prior.log_prob(z), posterior.log_prob(z), tfd.kl_divergence(
-            posterior, prior
-        )
+        log_px_z = self.decode(z, training=training).log_prob(x)
+        kl = tfd.kl_divergence(posterior, prior)
+        if not densities:
+            return log_px_z, None, None, kl
+        return log_px_z, prior.log_prob(z), posterior.log_prob(z), kl
 
     def _kl_estimate(self, log_pz, log_qz, kl_analytic):
         if self.kl == "analytic":
@@ -200,8 +203,8 @@ class VAE(keras.Model):
         with the model's K samples, KL estimator, objective and β (default: current β)."""
         beta = self.current_beta() if beta is None else beta
         log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
-            x, self.num_samples, training=training, seed=seed
-        )
+            x, self.num_samples, training=training, seed=seed,
+            densities=self.kl == "mc" or self.objective == "iwae")
         reconstruction_loss = -ops.mean(log_px_z, axis=0)
         kl_loss = self._kl_estimate(log_pz, log_qz, kl_analytic)
         if self.objective == "elbo":
