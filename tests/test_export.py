@@ -185,10 +185,18 @@ def test_failed_export_leaves_nothing(exported, monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "m").iterdir()] == []
 
 
-def test_export_has_no_xla_and_ships_warmup_requests(exported):
+def test_export_has_no_device_placement_or_xla_and_ships_warmup_requests(exported):
+    from tensorflow.core.protobuf import saved_model_pb2
+
     _, path = exported
     graph = (path / "saved_model.pb").read_bytes()
     assert b"_XlaMustCompile" not in graph
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(graph)
+    pinned = {f.signature.name for f in saved.meta_graphs[0].graph_def.library.function
+              if any(node.device for node in f.node_def)}
+    # Only checkpoint save/restore is pinned to the CPU; compute goes wherever it is served.
+    assert pinned and all("_traced_save_" in n or "_traced_restore_" in n for n in pinned)
     records = list(tf.data.TFRecordDataset(
         str(path / "assets.extra" / "tf_serving_warmup_requests")))
     assert len(records) == 2
