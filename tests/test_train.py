@@ -40,6 +40,16 @@ def test_cli_train_on_digits_writes_every_artefact(tmp_path, capsys):
     assert config.epochs == 2 and config.hidden_units == (32,) and config.latent_dim == 2
     assert "test ELBO" in capsys.readouterr().out
 
+    # The other commands work on the run directory.
+    assert main(["sample", str(run_dir), "--n", "8", "--seed", "3",
+                 "--output", str(tmp_path / "s.npy")]) == 0
+    model = keras.saving.load_model(run_dir / "checkpoints" / "best.keras")
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), model.sample(8, seed=3).numpy())
+    assert main(["sample", str(run_dir), "--output", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert main(["export", str(run_dir), "--name", "again", "--export-dir", str(exports)]) == 0
+    assert (exports / "again" / "1" / "saved_model.pb").is_file()
+
 
 class Interrupt(Exception):
     pass
