@@ -1,16 +1,24 @@
-"""Latency of an exported SavedModel's signatures, as TF Serving would run them (CPU here).
+"""Latency of an exported SavedModel's signatures, as TF Serving would run them (CPU here),
+and peak memory of training and of a K = 5000 evaluation.
 
-    python benchmarks/serve_latency.py [SAVED_MODEL_DIR] [--repeats N]
+    python benchmarks/serve_latency.py [SAVED_MODEL_DIR] [--repeats N] [--memory]
 
 Prints the SavedModel's size and p50/p99 latency per call of ``serving_default`` (and
 ``score``) at batch 1 and 256, beside the reference: the same reconstruction through Keras'
 own inference path, ``model.predict_on_batch``, on the model rebuilt from the export's config
 (same architecture, so the same work). SAVED_MODEL_DIR defaults to the newest version under
-saved_models/vae/.
+saved_models/vae/. With ``--memory`` it also prints the peak resident memory of three
+fresh processes: importing keras_vae (the baseline), ``keras-vae train`` for one epoch of
+the IWAE paper's MNIST MLP (../shared/data/mnist.npz), and ``keras-vae evaluate --k 5000``
+on 1000 of that run's test images (memory does not grow with the number of images).
 """
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +36,41 @@ def percentiles(fn, repeats):
     return np.percentile(times, 50) * 1e3, np.percentile(times, 99) * 1e3
 
 
+def peak_rss_mb(command):
+    """Peak resident memory (MB) of a child process running ``command``."""
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"{command} failed with exit code {child.returncode}")
+    return usage.ru_maxrss / 1024
+
+
+def memory_report():
+    cli = [sys.executable, "-m", "keras_vae.cli"]
+    mnist = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [
+            ("import keras_vae (baseline)", [sys.executable, "-c", "import keras_vae"]),
+            ("train MNIST 784-200-200-50, 1 epoch", cli + [
+                "train", "--data", f"npz:{mnist}", "--hidden-units", "200,200",
+                "--latent-dim", "50", "--batch-size", "100", "--epochs", "1",
+                "--plots", "false", "--quiet", "--run-dir", f"{tmp}/run",
+                "--export-dir", f"{tmp}/sm"]),
+            ("evaluate 1000 MNIST tests, K = 5000", cli + [
+                "evaluate", f"{tmp}/run", "--k", "5000", "--limit", "1000",
+                "--output", f"{tmp}/r.json"]),
+        ]
+        print(f"\n{'process':<40}{'peak RSS MB':>12}")
+        for name, command in rows:
+            print(f"{name:<40}{peak_rss_mb(command):>12.0f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("saved_model", nargs="?")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--memory", action="store_true")
     args = parser.parse_args()
     if args.saved_model is None:
         versions = sorted((p for p in Path("saved_models/vae").glob("*") if p.name.isdigit()),
@@ -61,6 +100,8 @@ def main():
         for name, fn in rows:
             p50, p99 = percentiles(fn, args.repeats)
             print(f"{name:<36}{batch:>6}{p50:>10.3f}{p99:>10.3f}")
+    if args.memory:
+        memory_report()
 
 
 if __name__ == "__main__":
