@@ -47,6 +47,11 @@ def _cmd_train(args):
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
+        changed = sorted(set(overrides) - {"epochs"})
+        if changed or args.config:
+            raise ConfigError(
+                f"--resume continues a run with its saved config; only --epochs may change "
+                f"(got {', '.join(changed) or '--config'})")
         base = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     else:
         run_dir = args.run_dir

@@ -31,6 +31,7 @@ class RunConfig:
     data: str = "digits"  # digits | tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]] | npz:PATH | images:DIR
     data_dir: str | None = None  # TFDS data_dir
     binarize: str = "auto"  # auto: dynamic binarization for the Bernoulli likelihood
+    validation_fraction: float = 0.1  # held out of the training set; 0: no validation
     # model
     architecture: str = "mlp"
     latent_dim: int = 8
@@ -89,6 +90,10 @@ class RunConfig:
             ("kl_warmup_epochs", self.kl_warmup_epochs >= 0, "must be >= 0"),
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
             ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
+            ("validation_fraction", 0 <= self.validation_fraction < 1, "must be in [0, 1)"),
+            ("early_stopping_patience",
+             not self.early_stopping_patience or self.validation_fraction > 0,
+             "needs validation data (validation_fraction > 0)"),
             ("hidden_units", all(n >= 1 for n in self.hidden_units), "widths must be >= 1"),
             ("filters", len(self.filters) >= 1 and all(n >= 1 for n in self.filters),
              "needs at least one width, each >= 1"),

@@ -35,9 +35,10 @@ class Data:
 
 
 def to_unit_interval(x):
-    """Integer pixels 0..255 → [0, 1] float32; images get a channel axis if they lack one."""
+    """Integer pixels 0..255 → [0, 1] float32 (integer data already in {0, 1} is kept);
+    images get a channel axis if they lack one."""
     x = np.asarray(x)
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.integer) and x.max(initial=0) > 1:
         x = x / 255.0
     x = x.astype("float32")
     return x[..., None] if x.ndim == 3 else x
@@ -121,7 +122,8 @@ def _images(folder):
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = [np.asarray(Image.open(p)) for p in files]
+    # Palette, binary and alpha images become gray or RGB intensities, not palette indices.
+    images = [np.asarray(_intensities(Image.open(p))) for p in files]
     shapes = {image.shape for image in images}
     if len(shapes) != 1:
         raise ValueError(f"images in {folder} differ in shape: {sorted(shapes)}")
@@ -132,6 +134,11 @@ def _images(folder):
     n_test = max(1, len(files) // 10)
     test, train = order[:n_test], order[n_test:]
     return Data(x[train], x[test], y[train], y[test])
+
+
+def _intensities(image):
+    return image if image.mode in ("L", "RGB") else image.convert(
+        "L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
 
 
 def binarize_once(x, seed=TEST_BINARIZATION_SEED):

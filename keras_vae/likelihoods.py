@@ -37,7 +37,7 @@ class Likelihood(keras.layers.Layer):
 
     def check_support(self, x):
         """Raises (in graph or eager mode) unless every x is a value p(x|z) can take."""
-        return [tf.debugging.assert_all_finite(x, "keras_vae: the batch contains NaN or inf")]
+        return [tf.debugging.assert_all_finite(x, "keras_vae: the data contains NaN or inf")]
 
 
 class _UnitIntervalLikelihood(Likelihood):

@@ -47,6 +47,8 @@ class VAE(keras.Model):
         num_samples: K, the samples of z per example in the training objective.
         seed: seed of the sampling noise.
         check_inputs: assert that every batch is finite and in the likelihood's support.
+            XLA drops assertions, so ``compile`` leaves XLA off unless ``jit_compile=True``
+            is asked for; then check the data before ``fit`` (``check_data``).
         dtype: the networks' dtype policy, e.g. ``"mixed_float16"`` or ``"mixed_bfloat16"``
             on GPUs; sampling, distributions and losses are float32 in any case.
     """
@@ -125,6 +127,28 @@ class VAE(keras.Model):
         self.z_log_var_head.build(features)
         self.likelihood.build(self.data_shape)
         self.built = True
+
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """``keras.Model.compile``; ``jit_compile="auto"`` means no XLA while ``check_inputs``
+        is on, since XLA would silently drop the input checks."""
+        if jit_compile == "auto" and self.check_inputs:
+            jit_compile = False
+        super().compile(*args, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips this for models that override compile(); it is the base version.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def check_data(self, x):
+        """Raises ValueError naming the problem unless every value of x (e.g. a whole
+        training array) is finite and in the likelihood's support."""
+        try:
+            self.likelihood.check_support(ops.convert_to_tensor(x, "float32"))
+        except tf.errors.InvalidArgumentError as error:
+            message = error.message[error.message.find("keras_vae:"):]
+            raise ValueError(message.split("\n")[0].split(" [Op:")[0]) from None
 
     @property
     def metrics(self):

@@ -27,8 +27,10 @@ def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="rel
         keras.layers.Dense(units, activation=activation, dtype=dtype) for units in reversed(hidden_units)
     ]
     layers += [
-        keras.layers.Dense(math.prod(data_shape), dtype=dtype),
-        keras.layers.Reshape(data_shape, dtype=dtype),
+        # The output layer stays float32 under mixed precision: likelihood parameters
+        # (Gaussian means, logits) need more than float16's 3 decimal digits.
+        keras.layers.Dense(math.prod(data_shape), dtype="float32"),
+        keras.layers.Reshape(data_shape, dtype="float32"),
     ]
     return keras.Sequential(layers, name="decoder_network")
 
@@ -87,7 +89,8 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
                                      dtype=dtype)
         for f in reversed(filters)
     ]
-    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype=dtype))
+    # float32 output layer, as in mlp_decoder.
+    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32"))
     return keras.Sequential(layers, name="decoder_network")
 
 

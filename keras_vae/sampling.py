@@ -38,14 +38,16 @@ class Sampling(keras.layers.Layer):
         if context is None or context.num_replicas_in_sync == 1:
             return keras.random.normal(shape, dtype=dtype, seed=seed)
         # Under tf.distribute each replica draws the noise of the whole global batch and
-        # keeps its own rows: training then matches one device for the same seed.
+        # keeps its own rows: training then matches one device for the same seed, also when
+        # the replicas' shares of the batch differ.
         axis = len(shape) - 2
-        rows = shape[axis]
+        rows = tf.convert_to_tensor(shape[axis])
+        sizes = context.all_gather(tf.reshape(rows, [1]), axis=0)
         global_shape = list(shape)
-        global_shape[axis] = rows * context.num_replicas_in_sync
+        global_shape[axis] = tf.reduce_sum(sizes)
         noise = keras.random.normal(global_shape, dtype=dtype, seed=seed)
         start = [0] * len(shape)
-        start[axis] = context.replica_id_in_sync_group * rows
+        start[axis] = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
         return tf.slice(noise, start, shape)
 
     # Keras saves a layer's weights but not its SeedGenerator's state; without it a

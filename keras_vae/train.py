@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,31 +35,50 @@ class RunResult:
     export_path: Path | None
 
 
+STATE_ENTRY = "keras_vae_state.json"
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the whole model (weights, optimizer, sampler state) as ``last.keras`` after
-    every epoch and as ``best.keras`` when ``monitor`` improves.
+    every epoch and as ``best.keras`` when the validation ELBO improves.
 
-    Unlike ``keras.callbacks.ModelCheckpoint``, each file is written beside its target and
-    renamed, so a run killed while saving never leaves a corrupt checkpoint.
+    Unlike ``keras.callbacks.ModelCheckpoint``, each file is written beside its target,
+    synced and renamed, so a run killed while saving never leaves a corrupt checkpoint; an
+    epoch whose logs hold NaN or inf is not saved at all. Each file also carries the number
+    of completed epochs and the best validation ELBO so far (``checkpoint_state``), which a
+    resumed run starts from.
     """
 
-    def __init__(self, folder, monitor="val_elbo", mode="max"):
+    def __init__(self, folder, best=-np.inf):
         super().__init__()
         self.folder = Path(folder)
-        self.monitor, self.sign = monitor, 1.0 if mode == "max" else -1.0
-        self.best = -np.inf
+        self.best = best
 
-    def _save(self, name):
+    def _save(self, name, epochs_completed):
         tmp = self.folder / f".{name}.tmp.keras"
         self.model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(STATE_ENTRY, json.dumps(
+                {"epochs_completed": epochs_completed, "best_val_elbo": self.best}))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, self.folder / name)
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and np.isfinite(value) and self.sign * value > self.best:
-            self.best = self.sign * value
-            self._save("best.keras")
-        self._save("last.keras")
+        logs = logs or {}
+        if not all(np.isfinite(value) for value in logs.values()):
+            return
+        value = logs.get("val_elbo")
+        if value is not None and value > self.best:
+            self.best = value
+            self._save("best.keras", epoch + 1)
+        self._save("last.keras", epoch + 1)
+
+
+def checkpoint_state(path):
+    """``{"epochs_completed", "best_val_elbo"}`` stored in a checkpoint by AtomicCheckpoint."""
+    with zipfile.ZipFile(path) as archive:
+        return json.loads(archive.read(STATE_ENTRY))
 
 
 def resolve_binarize(config):
@@ -158,7 +178,8 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     keras.utils.set_random_seed(config.seed)
     strategy = make_strategy(config.strategy)
     data = datasets.load(config.data, config.data_dir)
-    steps = datasets.steps_per_epoch(len(data.x_train), config.batch_size)
+    x_train, x_val = split_validation(data.x_train, config.validation_fraction)
+    steps = datasets.steps_per_epoch(len(x_train), config.batch_size)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     last = run_dir / "checkpoints" / "last.keras"
     if resume and not last.is_file():
@@ -175,46 +196,68 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     with strategy.scope():
         if resume:
             model = keras.saving.load_model(last)
-            initial_epoch = int(model.optimizer.iterations.numpy()) // steps
+            state = checkpoint_state(last)
         else:
             model = build_model(config, data.shape, steps)
-            initial_epoch = 0
+            state = {"epochs_completed": 0, "best_val_elbo": -np.inf}
+    # One check of the whole data set, before anything trains: the per-batch checks in the
+    # model are dropped when the step is XLA-compiled.
+    model.check_data(data.x_train)
+    model.check_data(data.x_test)
+    initial_epoch = state["epochs_completed"]
     config.save(run_dir / "config.json")
     _trim_history(run_dir / "history.csv", initial_epoch)
 
+    binarize = resolve_binarize(config)
     x_test = evaluation_split(config, data)
+    validation = None
+    if len(x_val):
+        x_val = datasets.binarize_once(x_val) if binarize else x_val
+        validation = datasets.evaluation_dataset(x_val, config.batch_size)
     if initial_epoch < config.epochs:
         train_ds = datasets.training_dataset(
-            data.x_train, config.batch_size, config.seed, resolve_binarize(config),
-            initial_epoch, config.epochs)
+            x_train, config.batch_size, config.seed, binarize, initial_epoch, config.epochs)
         all_callbacks = [
-            AtomicCheckpoint(checkpoints),
+            AtomicCheckpoint(checkpoints, best=state["best_val_elbo"]),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-            keras.callbacks.TerminateOnNaN(),
+            # Raise rather than stop: a diverged model must not be evaluated or exported.
+            keras.callbacks.TerminateOnNaN(raise_error=True),
         ]
         if config.early_stopping_patience:
             all_callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_elbo", mode="max", patience=config.early_stopping_patience,
-                restore_best_weights=True))
+                monitor="val_elbo", mode="max", patience=config.early_stopping_patience))
         model.fit(
             train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
             steps_per_epoch=steps, shuffle=False,  # the stream is shuffled per epoch
-            validation_data=datasets.evaluation_dataset(x_test, config.batch_size),
-            callbacks=all_callbacks + list(callbacks), verbose=verbose)
+            validation_data=validation, callbacks=all_callbacks + list(callbacks),
+            verbose=verbose)
 
     if not chief:
         return RunResult(model, run_dir, {}, None)
+    # The run's model is its best checkpoint (by validation ELBO), as for `keras-vae
+    # evaluate RUN`; without validation data, its last.
+    best = checkpoints / "best.keras"
+    model = keras.saving.load_model(best if best.is_file() else last)
+    history = read_history(run_dir / "history.csv")
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
-    metrics = {"epochs": config.epochs, "test": report}
+    metrics = {"epochs_completed": len(history["loss"]),
+               "checkpoint": "best.keras" if best.is_file() else "last.keras",
+               "test": report}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if config.plots:
-        write_plots(model, run_dir / "plots", read_history(run_dir / "history.csv"), x_test,
-                    data.y_test, config.seed)
+        write_plots(model, run_dir / "plots", history, x_test, data.y_test, config.seed)
     export_path = export_model(model, config.export_dir, config.export_name)
     (run_dir / "export.json").write_text(
         json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")
     return RunResult(model, run_dir, metrics, export_path)
+
+
+def split_validation(x_train, fraction):
+    """(training part, validation part): the last ``fraction`` of the training examples
+    (the order of the source, fixed) are held out for validation and checkpoint choice."""
+    n_val = round(len(x_train) * fraction)
+    return x_train[: len(x_train) - n_val], x_train[len(x_train) - n_val:]
 
 
 def write_plots(model, folder, history, x_test, y_test, seed=0):

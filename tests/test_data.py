@@ -106,3 +106,17 @@ def test_each_epoch_is_a_permutation_and_binarization_is_fresh():
 def test_binarize_once_is_fixed():
     x = np.full((5, 3), 0.5, "float32")
     np.testing.assert_array_equal(data.binarize_once(x), data.binarize_once(x))
+
+
+def test_integer_data_already_binary_is_kept():
+    x = np.array([[[0, 1], [1, 0]]], np.uint8)
+    np.testing.assert_array_equal(data.to_unit_interval(x)[..., 0], x)
+
+
+def test_palette_images_give_intensities(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    for i in range(4):
+        Image.fromarray(gray).convert("P").save(tmp_path / f"{i}.png")
+    loaded = data.load(f"images:{tmp_path}")
+    assert loaded.x_train.shape[-1] == 3
+    np.testing.assert_allclose(loaded.x_train[0, ..., 0], gray / 255.0, atol=2 / 255)

@@ -20,14 +20,16 @@ MIRRORED = textwrap.dedent("""
     import keras
     from keras_vae import VAE
     from keras_vae.data import load
-    x = load("digits").x_train[:512]
+    x = load("digits").x_train[:521]
 
     def run(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             model = VAE((8, 8, 1), latent_dim=4, hidden_units=(32,), seed=0)
-            model.compile(optimizer=keras.optimizers.Adam(1e-3))
-        # global batch 64: 32 per replica under MirroredStrategy
+            # SGD: its steps scale with the gradient, so a loss averaged over the wrong
+            # batch size would show (Adam's would not).
+            model.compile(optimizer=keras.optimizers.SGD(0.01))
+        # global batch 64: 32 per replica under MirroredStrategy (and 9 = 5 + 4 at the end)
         history = model.fit(tf.data.Dataset.from_tensor_slices(x).batch(64), epochs=3,
                             shuffle=False, verbose=0)
         return history.history["loss"], [w.numpy().tolist() for w in model.trainable_weights]
@@ -91,6 +93,7 @@ def test_mixed_precision_trains_and_exports_float32(tmp_path):
 
     model = keras.saving.load_model(tmp_path / "run" / "checkpoints" / "last.keras")
     assert model.encoder_network.layers[1].dtype_policy.name == "mixed_float16"
+    assert model.decoder_network.layers[-2].dtype_policy.name == "float32"  # output layer
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert len(history) == 3

@@ -184,3 +184,18 @@ def test_conv_needs_image_shapes_divisible_by_its_strides():
     with pytest.raises(ValueError, match="needs image data"):
         VAE((64,), architecture="conv")
     VAE((32, 32, 3), architecture="conv")  # CIFAR-shaped data builds
+
+
+def test_compile_keeps_xla_off_while_inputs_are_checked():
+    checked = small_vae()
+    assert checked.jit_compile is False
+    unchecked = VAE((8, 8, 1), latent_dim=2, hidden_units=(8,), check_inputs=False)
+    unchecked.compile(optimizer="adam", jit_compile=True)
+    assert unchecked.jit_compile is True
+
+
+def test_check_data_names_the_problem(digits):
+    model = small_vae()
+    with pytest.raises(ValueError, match=r"needs data in \[0, 1\]"):
+        model.check_data(digits * 16)
+    model.check_data(digits)

@@ -9,7 +9,7 @@ import pytest
 
 from keras_vae.cli import main
 from keras_vae.config import ConfigError, RunConfig, load_config_file
-from keras_vae.train import train
+from keras_vae.train import checkpoint_state, train
 
 FAST = ["--hidden-units", "32", "--latent-dim", "2", "--batch-size", "128", "--quiet"]
 
@@ -81,7 +81,10 @@ def test_resume_after_a_kill_continues_at_the_right_epoch_with_the_same_results(
     code = main(["train", "--resume", str(tmp_path / "killed"), "--quiet"])
     assert code == 0
     resumed = keras.saving.load_model(tmp_path / "killed" / "checkpoints" / "last.keras")
-    assert int(resumed.optimizer.iterations.numpy()) == 4 * 12
+    # 1437 digits less 10% for validation, in batches of 128: 11 steps an epoch
+    assert int(resumed.optimizer.iterations.numpy()) == 4 * 11
+    assert checkpoint_state(tmp_path / "killed" / "checkpoints" / "last.keras")[
+        "epochs_completed"] == 4
     for a, b in zip(whole.model.weights, resumed.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
     with open(tmp_path / "whole" / "history.csv") as f:
@@ -146,3 +149,45 @@ def test_npz_data_through_the_cli(tmp_path):
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["num_examples"] == 16
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    """Turns the weights into NaN at the start of an epoch: the loss diverges."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.decoder_network.layers[-2].kernel
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+
+def test_a_diverged_run_stops_keeps_its_last_good_checkpoint_and_exports_nothing(tmp_path):
+    config = RunConfig(epochs=3, hidden_units=(16,), latent_dim=2, batch_size=128,
+                       plots=False, export_dir=str(tmp_path / "sm"))
+    with pytest.raises(RuntimeError, match="NaN"):
+        train(config, run_dir=tmp_path / "run", callbacks=[PoisonWeights(1)], verbose=0)
+    last = tmp_path / "run" / "checkpoints" / "last.keras"
+    assert checkpoint_state(last)["epochs_completed"] == 1
+    model = keras.saving.load_model(last)
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+    assert not (tmp_path / "sm").exists()
+
+
+def test_bad_data_is_refused_before_training_even_with_xla(tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(64, 8, 8)).astype("float32")
+    x[3, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x_train=x, x_test=x[:8])
+    assert main(["train", "--data", f"npz:{tmp_path / 'nan.npz'}", "--jit-compile", "true",
+                 "--run-dir", str(tmp_path / "run"), *FAST]) == 2
+    assert "keras_vae: the data contains NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    RunConfig().save(tmp_path / "run" / "config.json")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
+    assert "only --epochs may change (got latent_dim)" in capsys.readouterr().err
