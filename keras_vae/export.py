@@ -79,6 +79,14 @@ def serving_functions(model):
             "sample": sample, "score": score}
 
 
+def _sync_tree(folder):
+    """fsync every file under ``folder``, so that a renamed export is complete on disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def next_version(model_dir):
     """1 + the largest integer version folder under ``model_dir`` (1 if none)."""
     versions = [int(p.name) for p in Path(model_dir).glob("*") if p.name.isdigit()]
@@ -88,9 +96,9 @@ def next_version(model_dir):
 def export_model(model, export_dir="saved_models", name="vae"):
     """Writes ``export_dir/name/<next version>/`` and returns its path.
 
-    The SavedModel is written to a temporary folder beside it and renamed into place, so TF
-    Serving (which polls the folder) never sees a half-written version and an existing
-    version is never overwritten.
+    The SavedModel is written to a temporary folder beside it, synced and renamed into
+    place, so TF Serving (which polls the folder) never sees a half-written version and an
+    existing version is never overwritten.
     """
     model_dir = Path(export_dir) / name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +115,7 @@ def export_model(model, export_dir="saved_models", name="vae"):
             {"config": model.get_config(), "score_samples": SCORE_SAMPLES,
              "signatures": list(SERVING_SIGNATURES)}, indent=2))
         write_warmup_requests(extra / "tf_serving_warmup_requests", model, name)
+        _sync_tree(tmp / "model")
         version_dir = model_dir / str(next_version(model_dir))
         if version_dir.exists():
             raise FileExistsError(f"export version folder already exists: {version_dir}")
