@@ -191,3 +191,13 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     RunConfig().save(tmp_path / "run" / "config.json")
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
     assert "only --epochs may change (got latent_dim)" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = RunConfig.from_dict(load_config_file(path))
+        assert config.data.startswith("npz:"), path
