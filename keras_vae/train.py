@@ -162,9 +162,12 @@ def _trim_history(path, epochs):
 
 
 def read_history(path):
+    """{metric: values by epoch} from the CSV history; CSVLogger writes "NA" for the
+    validation columns of a run without validation data, and those are left out."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {key: [float(row[key]) for row in rows] for key in rows[0] if key != "epoch"}
+    return {key: [float(row[key]) for row in rows] for key in rows[0]
+            if key != "epoch" and "NA" not in {row[key] for row in rows}}
 
 
 def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):

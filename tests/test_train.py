@@ -143,12 +143,15 @@ def test_npz_data_through_the_cli(tmp_path):
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
              x_test=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8))
     code = main(["train", "--data", f"npz:{tmp_path / 'd.npz'}", "--epochs", "1",
-                 "--likelihood", "gaussian", "--learn-sigma", "shared", "--plots", "false",
+                 "--likelihood", "gaussian", "--learn-sigma", "shared",
+                 "--validation-fraction", "0",
                  "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "sm"),
                  *FAST])
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run_dir / "metrics.json").read_text())["test"]["num_examples"] == 16
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["num_examples"] == 16 and metrics["checkpoint"] == "last.keras"
+    assert (run_dir / "plots" / "loss_curves.png").is_file()  # no validation curves to draw
 
 
 class PoisonWeights(keras.callbacks.Callback):
