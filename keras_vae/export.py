@@ -72,8 +72,9 @@ def serving_functions(model):
         return {"z": z, "mean": outputs["mean"]}
 
     @tf.function(input_signature=[x_spec])
-    def score(x):
-        return model.score(checked_x(x), SCORE_SAMPLES, epsilon=score_epsilon)
+    def score(x):  # model.score checks the values itself
+        return model.score(tf.ensure_shape(x, x_spec.shape), SCORE_SAMPLES,
+                           epsilon=score_epsilon)
 
     return {"serving_default": serving_default, "encode": encode, "decode": decode,
             "sample": sample, "score": score}
