@@ -23,10 +23,11 @@ from keras_vae.export import SCORE_SAMPLES, SCORE_SEED, SERVING_SIGNATURES, expo
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, digits):
+    keras.utils.set_random_seed(0)
     model = VAE((8, 8, 1), latent_dim=3, hidden_units=(32,), likelihood="gaussian",
                 learn_sigma="shared", sigma=0.3, seed=0)
     model.compile(optimizer="adam")
-    model.fit(digits[:512], epochs=2, batch_size=64, verbose=0)
+    model.fit(digits[:512], epochs=2, batch_size=64, shuffle=False, verbose=0)
     root = tmp_path_factory.mktemp("saved_models")
     return model, export_model(model, root, "digits")
 
@@ -129,12 +130,15 @@ def test_score_agrees_with_the_evaluation_module(exported, digits):
     model, path = exported
     x = digits[:40]
     served = tf.saved_model.load(str(path)).signatures["score"](x=tf.constant(x))
-    scores = importance_weighted(model, x, SCORE_SAMPLES, seed=9)
-    # Independent draws of the same estimators: equal within their standard errors.
-    diff = served["log_px"].numpy() - scores["log_px"]
-    assert np.all(np.abs(diff) < 5 * np.sqrt(2) * scores["log_px_se"] + 0.05)
-    diff = served["elbo"].numpy() - scores["elbo"]
-    assert np.all(np.abs(diff) < 5 * np.sqrt(2) * scores["elbo_se"] + 0.05)
+    reference = importance_weighted(model, x, 16 * SCORE_SAMPLES, seed=9)
+    # The served scores use K = 256 draws shared by all rows, so their errors are correlated
+    # across examples: compare each example with a 16× more precise reference, within 4 of
+    # the served estimate's own standard errors (the reference's, scaled to K = 256).
+    scale = np.sqrt(16)
+    for key, slack in (("elbo", 0.0), ("log_px", 0.1)):  # log p̂_K is biased low by O(1/K)
+        served_se = scale * reference[f"{key}_se"]
+        diff = served[key].numpy() - reference[key]
+        assert np.all(np.abs(diff) < 4 * served_se + slack), (key, np.abs(diff / served_se).max())
 
 
 def test_bad_inputs_are_refused(exported, digits):
