@@ -74,7 +74,7 @@ def _cmd_evaluate(args):
 
     from keras_vae import data as datasets
     from keras_vae.evaluate import evaluate
-    from keras_vae.train import evaluation_split
+    from keras_vae.train import evaluation_copy
 
     model, config = load_run_or_model(args.model)
     overrides = {"likelihood": model.likelihood_name}
@@ -84,7 +84,7 @@ def _cmd_evaluate(args):
         overrides["binarize"] = args.binarize
     config = RunConfig.from_dict(overrides, base=config)
     data = datasets.load(config.data, args.data_dir or config.data_dir)
-    x = evaluation_split(config, data)[: args.limit]
+    x = evaluation_copy(config, data.x_test)[: args.limit]
     report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
     report["data"] = config.data
     text = json.dumps(report, indent=2)

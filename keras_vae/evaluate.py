@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import tensorflow as tf
+from scipy.special import logsumexp
 
 
 def k_ladder(num_samples):
@@ -34,8 +35,8 @@ class _Accumulator:
 
     def add(self, log_w, log_px_z):
         log_w, log_px_z = np.float64(log_w), np.float64(log_px_z)
-        self.lse_w = np.logaddexp(self.lse_w, _logsumexp(log_w))
-        self.lse_w2 = np.logaddexp(self.lse_w2, _logsumexp(2 * log_w))
+        self.lse_w = np.logaddexp(self.lse_w, logsumexp(log_w, axis=0))
+        self.lse_w2 = np.logaddexp(self.lse_w2, logsumexp(2 * log_w, axis=0))
         self.sum_ll += log_px_z.sum(0)
         self.sum_ll2 += (log_px_z**2).sum(0)
         self.count += log_w.shape[0]
@@ -45,11 +46,6 @@ class _Accumulator:
         k = self.count
         relative_var = np.maximum(k * np.exp(self.lse_w2 - 2 * self.lse_w) - 1.0, 0.0)
         return self.lse_w - math.log(k), np.sqrt(relative_var / k)
-
-
-def _logsumexp(values):
-    peak = values.max(0)
-    return peak + np.log(np.exp(values - peak).sum(0))
 
 
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0):

@@ -88,10 +88,10 @@ def resolve_binarize(config):
     return config.binarize == "dynamic"
 
 
-def evaluation_split(config, data):
-    """The test set as models are scored on it: binarized once, with a fixed seed, when
-    training binarizes."""
-    return datasets.binarize_once(data.x_test) if resolve_binarize(config) else data.x_test
+def evaluation_copy(config, x):
+    """x as models are scored on it (test and validation sets): binarized once, with a
+    fixed seed, when training binarizes."""
+    return datasets.binarize_once(x) if resolve_binarize(config) else x
 
 
 def build_model(config, data_shape, steps_per_epoch):
@@ -212,11 +212,11 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     _trim_history(run_dir / "history.csv", initial_epoch)
 
     binarize = resolve_binarize(config)
-    x_test = evaluation_split(config, data)
+    x_test = evaluation_copy(config, data.x_test)
     validation = None
     if len(x_val):
-        x_val = datasets.binarize_once(x_val) if binarize else x_val
-        validation = datasets.evaluation_dataset(x_val, config.batch_size)
+        validation = datasets.evaluation_dataset(evaluation_copy(config, x_val),
+                                                 config.batch_size)
     if initial_epoch < config.epochs:
         train_ds = datasets.training_dataset(
             x_train, config.batch_size, config.seed, binarize, initial_epoch, config.epochs)

@@ -109,9 +109,9 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path):
                  "--export-dir", str(tmp_path / "sm")]) == 0
     model, config = load_run_or_model(tmp_path / "run")
     from keras_vae.data import load
-    from keras_vae.train import evaluation_split
+    from keras_vae.train import evaluation_copy
 
-    x = evaluation_split(config, load("digits"))[:50]
+    x = evaluation_copy(config, load("digits").x_test)[:50]
     in_memory, _ = evaluate(model, x, num_samples=20, seed=1)
     reports = []
     for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras"):
