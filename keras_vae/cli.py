@@ -38,6 +38,27 @@ def _add_config_flags(parser):
                             metavar=f.name.upper(), help=f"(default: {f.default!r})")
 
 
+# What a resumed run may change: how long it trains and the learning rates of the epochs
+# it has not trained yet.
+RESUMABLE_KEYS = {"epochs", "lr_decay_epochs", "lr_decay_factor"}
+
+
+def _check_trained_schedule(run_dir, saved, config):
+    """Refuses a learning-rate schedule that would rewrite epochs already trained, so that
+    the run's config.json keeps describing exactly how it was trained."""
+    from keras_vae.train import checkpoint_state
+
+    last = run_dir / "checkpoints" / "last.keras"
+    done = checkpoint_state(last)["epochs_completed"] if last.is_file() else 0
+    for epoch in range(done):
+        if config.learning_rate_at(epoch) != saved.learning_rate_at(epoch):
+            raise ConfigError(
+                f"--resume may change the learning rate of epochs not trained yet only: epoch "
+                f"{epoch} ran at {saved.learning_rate_at(epoch):g}, the new lr_decay_epochs/"
+                f"lr_decay_factor give {config.learning_rate_at(epoch):g} "
+                f"({done} epochs are done)")
+
+
 def _cmd_train(args):
     from keras_vae.train import train
 
@@ -47,16 +68,19 @@ def _cmd_train(args):
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
-        changed = sorted(set(overrides) - {"epochs"})
+        changed = sorted(set(overrides) - RESUMABLE_KEYS)
         if changed or args.config:
             raise ConfigError(
-                f"--resume continues a run with its saved config; only --epochs may change "
+                f"--resume continues a run with its saved config; only "
+                f"{', '.join(sorted(RESUMABLE_KEYS))} may change "
                 f"(got {', '.join(changed) or '--config'})")
         base = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config = RunConfig.from_dict(overrides, base=base)
+        _check_trained_schedule(run_dir, base, config)
     else:
         run_dir = args.run_dir
         base = RunConfig.from_dict(load_config_file(args.config)) if args.config else None
-    config = RunConfig.from_dict(overrides, base=base)
+        config = RunConfig.from_dict(overrides, base=base)
     result = train(config, run_dir=run_dir, resume=bool(args.resume),
                    verbose=0 if args.quiet else 1)
     if result.export_path is None:
@@ -74,17 +98,23 @@ def _cmd_evaluate(args):
 
     from keras_vae import data as datasets
     from keras_vae.evaluate import evaluate
-    from keras_vae.train import evaluation_copy
+    from keras_vae.train import TEST_SET_FILE, evaluation_copy
 
     model, config = load_run_or_model(args.model)
-    overrides = {"likelihood": model.likelihood_name}
-    if args.data:
-        overrides["data"] = args.data
-    if args.binarize:
-        overrides["binarize"] = args.binarize
-    config = RunConfig.from_dict(overrides, base=config)
-    data = datasets.load(config.data, args.data_dir or config.data_dir)
-    x = evaluation_copy(config, data.x_test)[: args.limit]
+    saved = Path(args.model) / TEST_SET_FILE
+    if saved.is_file() and not (args.data or args.binarize):
+        # The run's own test set, so that its scores never depend on redrawing it.
+        x, _ = datasets.load_test_set(saved)
+    else:
+        overrides = {"likelihood": model.likelihood_name}
+        if args.data:
+            overrides["data"] = args.data
+        if args.binarize:
+            overrides["binarize"] = args.binarize
+        config = RunConfig.from_dict(overrides, base=config)
+        data = datasets.load(config.data, args.data_dir or config.data_dir)
+        x = evaluation_copy(config, data.x_test)
+    x = x[: args.limit]
     report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
     report["data"] = config.data
     text = json.dumps(report, indent=2)

@@ -50,6 +50,8 @@ class RunConfig:
     # optimization
     optimizer: str = "adam"
     learning_rate: float = 1e-3
+    lr_decay_epochs: tuple[int, ...] = ()  # the epochs at which the learning rate drops
+    lr_decay_factor: float = 0.1  # ... by this factor each time
     batch_size: int = 64
     epochs: int = 40
     early_stopping_patience: int = 0  # 0: off
@@ -89,6 +91,10 @@ class RunConfig:
             ("beta", self.beta >= 0, "must be >= 0"),
             ("kl_warmup_epochs", self.kl_warmup_epochs >= 0, "must be >= 0"),
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("lr_decay_epochs", all(a < b for a, b in
+                                    zip((0,) + self.lr_decay_epochs, self.lr_decay_epochs)),
+             "must be increasing epoch numbers > 0"),
+            ("lr_decay_factor", 0 < self.lr_decay_factor <= 1, "must be in (0, 1]"),
             ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
             ("validation_fraction", 0 <= self.validation_fraction < 1, "must be in [0, 1)"),
             ("early_stopping_patience",
@@ -102,6 +108,12 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"config key {key!r} {requirement}; got {getattr(self, key)!r}")
         return self
+
+    def learning_rate_at(self, epoch):
+        """The learning rate of (0-based) epoch ``epoch``: learning_rate · lr_decay_factorⁿ,
+        n the number of ``lr_decay_epochs`` ≤ epoch."""
+        drops = sum(e <= epoch for e in self.lr_decay_epochs)
+        return float(self.learning_rate * self.lr_decay_factor**drops)
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v

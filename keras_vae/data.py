@@ -7,7 +7,9 @@ Sources (the ``data`` config key):
 - ``images:DIR``: a folder of images (sub-folders as labels), a fixed 90/10 split.
 """
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,27 @@ def _intensities(image):
 def binarize_once(x, seed=TEST_BINARIZATION_SEED):
     """x_bin ~ Bernoulli(x), drawn once with a fixed seed (the evaluation copy)."""
     return (np.random.default_rng(seed).uniform(size=x.shape) < x).astype("float32")
+
+
+def fingerprint(x):
+    """SHA-256 of x's float32 bytes: equal fingerprints mean the same test set, bit for bit."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype="float32").tobytes()).hexdigest()
+
+
+def save_test_set(path, x, y=None):
+    """Writes the evaluation copy x (and labels y) that a run is scored on, so later
+    evaluations use the very same binarization; written beside ``path`` and renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    arrays = {"x": np.asarray(x, "float32")} | ({} if y is None else {"y": np.asarray(y)})
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_test_set(path):
+    """(x, y or None) from ``save_test_set``."""
+    with np.load(path) as saved:
+        return saved["x"], saved.get("y")
 
 
 def steps_per_epoch(num_examples, batch_size):

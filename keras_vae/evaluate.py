@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 from scipy.special import logsumexp
 
+from keras_vae import data as datasets
+
 
 def k_ladder(num_samples):
     """1, 10, 100, … up to K, and K itself."""
@@ -110,6 +112,7 @@ def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0)
     log_px = mean_and_se(scores["log_px"])
     report = {
         "num_examples": len(x),
+        "test_set_sha256": datasets.fingerprint(x),
         "k": num_samples,
         "elbo": mean_and_se(scores["elbo"]),
         "log_px": log_px,

@@ -36,6 +36,8 @@ class RunResult:
 
 
 STATE_ENTRY = "keras_vae_state.json"
+# The run's evaluation copy of the test set (see data.save_test_set).
+TEST_SET_FILE = "test_set.npz"
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -221,6 +223,8 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         train_ds = datasets.training_dataset(
             x_train, config.batch_size, config.seed, binarize, initial_epoch, config.epochs)
         all_callbacks = [
+            # First, so that the other callbacks log the epoch's learning rate.
+            keras.callbacks.LearningRateScheduler(lambda epoch: config.learning_rate_at(epoch)),
             AtomicCheckpoint(checkpoints, best=state["best_val_elbo"]),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
@@ -243,6 +247,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     best = checkpoints / "best.keras"
     model = keras.saving.load_model(best if best.is_file() else last)
     history = read_history(run_dir / "history.csv")
+    datasets.save_test_set(run_dir / TEST_SET_FILE, x_test, data.y_test)
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
     metrics = {"epochs_completed": len(history["loss"]),
                "checkpoint": "best.keras" if best.is_file() else "last.keras",

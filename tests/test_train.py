@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_vae import data as datasets
 from keras_vae.cli import main
 from keras_vae.config import ConfigError, RunConfig, load_config_file
 from keras_vae.train import checkpoint_state, train
@@ -32,6 +33,18 @@ def test_cli_train_on_digits_writes_every_artefact(tmp_path, capsys):
     assert {"loss", "reconstruction_loss", "kl_loss", "elbo", "val_elbo"} <= set(rows[0])
     metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert metrics["num_examples"] == 360 and metrics["elbo"]["mean"] < 0
+    # The test set is saved as scored, and `evaluate RUN` scores that very file.
+    x_test, y_test = datasets.load_test_set(run_dir / "test_set.npz")
+    data = datasets.load("digits")
+    np.testing.assert_array_equal(x_test, datasets.binarize_once(data.x_test))
+    np.testing.assert_array_equal(y_test, data.y_test)
+    assert metrics["test_set_sha256"] == datasets.fingerprint(x_test)
+    datasets.save_test_set(run_dir / "test_set.npz", x_test[:50])
+    assert main(["evaluate", str(run_dir), "--k", "2", "--output",
+                 str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_examples"] == 50
+    assert report["test_set_sha256"] == datasets.fingerprint(x_test[:50])
     saved = json.loads((run_dir / "export.json").read_text())["saved_model"]
     assert saved.endswith("saved_models/vae/1")
     assert (exports / "vae" / "1" / "saved_model.pb").is_file()
@@ -113,6 +126,9 @@ def test_config_file_with_flag_overrides(tmp_path):
         ({"likelihood": "poisson"}, "config key 'likelihood' must be one of"),
         ({"epochs": 0}, "config key 'epochs' must be >= 1"),
         ({"data": "mnist"}, "config key 'data' must be one of"),
+        ({"lr_decay_epochs": [30, 20]}, "'lr_decay_epochs' must be increasing"),
+        ({"lr_decay_epochs": "0"}, "'lr_decay_epochs' must be increasing"),
+        ({"lr_decay_factor": 0}, "'lr_decay_factor' must be in"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
@@ -193,7 +209,36 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     RunConfig().save(tmp_path / "run" / "config.json")
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
-    assert "only --epochs may change (got latent_dim)" in capsys.readouterr().err
+    assert "only epochs, lr_decay_epochs, lr_decay_factor may change (got latent_dim)" \
+        in capsys.readouterr().err
+
+
+def _learning_rates(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return [float(row["learning_rate"]) for row in csv.DictReader(f)]
+
+
+def test_learning_rate_decay_and_extending_it_on_resume(tmp_path, capsys):
+    config = RunConfig(epochs=3, hidden_units=(16,), latent_dim=2, batch_size=256,
+                       lr_decay_epochs=(1, 2), lr_decay_factor=0.5, export_dir=str(tmp_path),
+                       plots=False)
+    assert [config.learning_rate_at(e) for e in range(4)] == [1e-3, 5e-4, 2.5e-4, 2.5e-4]
+    run = tmp_path / "run"
+    train(config, run_dir=run, verbose=0)
+    np.testing.assert_allclose(_learning_rates(run), [1e-3, 5e-4, 2.5e-4], rtol=1e-6)
+    # A resumed run may add drops in the epochs it has not trained yet...
+    assert main(["train", "--resume", str(run), "--epochs", "5",
+                 "--lr-decay-epochs", "1,2,4", "--quiet"]) == 0
+    np.testing.assert_allclose(_learning_rates(run), [1e-3, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4],
+                               rtol=1e-6)
+    model = keras.saving.load_model(run / "checkpoints" / "last.keras")
+    np.testing.assert_allclose(float(model.optimizer.learning_rate), 1.25e-4, rtol=1e-6)
+    assert RunConfig.from_dict(json.loads((run / "config.json").read_text())) \
+        .lr_decay_epochs == (1, 2, 4)
+    # ...but not rewrite the learning rate of an epoch it has trained.
+    assert main(["train", "--resume", str(run), "--epochs", "6", "--lr-decay-epochs", "2",
+                 "--quiet"]) == 2
+    assert "epoch 1 ran at 0.0005" in capsys.readouterr().err
 
 
 def test_shipped_configs_are_valid():
