@@ -32,31 +32,19 @@ def load_run_or_model(path):
     return keras.saving.load_model(path), config
 
 
+def _flag(key):
+    return f"--{key.replace('_', '-')}"
+
+
 def _add_config_flags(parser):
     for f in dataclasses.fields(RunConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+        parser.add_argument(_flag(f.name), dest=f.name, default=None,
                             metavar=f.name.upper(), help=f"(default: {f.default!r})")
 
 
 # What a resumed run may change: how long it trains and the learning rates of the epochs
 # it has not trained yet.
 RESUMABLE_KEYS = {"epochs", "lr_decay_epochs", "lr_decay_factor"}
-
-
-def _check_trained_schedule(run_dir, saved, config):
-    """Refuses a learning-rate schedule that would rewrite epochs already trained, so that
-    the run's config.json keeps describing exactly how it was trained."""
-    from keras_vae.train import checkpoint_state
-
-    last = run_dir / "checkpoints" / "last.keras"
-    done = checkpoint_state(last)["epochs_completed"] if last.is_file() else 0
-    for epoch in range(done):
-        if config.learning_rate_at(epoch) != saved.learning_rate_at(epoch):
-            raise ConfigError(
-                f"--resume may change the learning rate of epochs not trained yet only: epoch "
-                f"{epoch} ran at {saved.learning_rate_at(epoch):g}, the new lr_decay_epochs/"
-                f"lr_decay_factor give {config.learning_rate_at(epoch):g} "
-                f"({done} epochs are done)")
 
 
 def _cmd_train(args):
@@ -68,15 +56,14 @@ def _cmd_train(args):
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
-        changed = sorted(set(overrides) - RESUMABLE_KEYS)
+        changed = [_flag(key) for key in sorted(set(overrides) - RESUMABLE_KEYS)]
         if changed or args.config:
             raise ConfigError(
                 f"--resume continues a run with its saved config; only "
-                f"{', '.join(sorted(RESUMABLE_KEYS))} may change "
+                f"{', '.join(_flag(key) for key in sorted(RESUMABLE_KEYS))} may change "
                 f"(got {', '.join(changed) or '--config'})")
         base = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
         config = RunConfig.from_dict(overrides, base=base)
-        _check_trained_schedule(run_dir, base, config)
     else:
         run_dir = args.run_dir
         base = RunConfig.from_dict(load_config_file(args.config)) if args.config else None

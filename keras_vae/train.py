@@ -1,7 +1,8 @@
 """A training run: data → model → fit with callbacks → metrics, plots, SavedModel.
 
 A run directory holds ``config.json``, ``history.csv``, ``checkpoints/{last,best}.keras``,
-``tensorboard/``, ``plots/*.png``, ``metrics.json`` and ``export.json`` (the SavedModel path).
+``test_set.npz``, ``tensorboard/``, ``plots/*.png``, ``metrics.json`` and ``export.json``
+(the SavedModel path).
 """
 
 import csv
@@ -19,6 +20,7 @@ import tensorflow as tf
 
 from keras_vae import data as datasets
 from keras_vae import plots
+from keras_vae.config import ConfigError, RunConfig
 from keras_vae.evaluate import evaluate
 from keras_vae.export import export_model
 from keras_vae.model import VAE
@@ -152,15 +154,42 @@ def new_run_dir(config):
     return run_dir
 
 
-def _trim_history(path, epochs):
-    """Keeps the CSV rows of the first ``epochs`` epochs (the ones the checkpoint holds)."""
+def _check_trained_schedule(saved, config, epochs_done):
+    """Refuses a learning-rate schedule that would rewrite epochs already trained, so that
+    the run's config.json keeps describing exactly how it was trained."""
+    for epoch in range(epochs_done):
+        before, after = saved.learning_rate_at(epoch), config.learning_rate_at(epoch)
+        if before != after:
+            raise ConfigError(
+                f"a resumed run may change the learning rate of epochs not trained yet only: "
+                f"epoch {epoch} (0-based; {epochs_done} are done) ran at {before!r}, the new "
+                f"lr_decay_epochs/lr_decay_factor give {after!r}")
+
+
+def _prepare_history(path, epochs, config, validation):
+    """Keeps the CSV rows of the first ``epochs`` epochs (the ones the checkpoint holds).
+
+    CSVLogger appends rows under the header already in the file, in the order of its own
+    sorted keys: a history written before the learning rate was logged gets the column,
+    filled from the schedule, so that appended rows line up with the header.
+    """
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [row for row in rows[1:] if int(row[0]) < epochs]
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if int(row["epoch"]) < epochs]
+        fields = reader.fieldnames
+    missing = {"learning_rate"} | (set() if validation else {"val_learning_rate"})
+    fields = ["epoch"] + sorted(set(fields[1:]) | missing)
+    for row in rows:
+        # As Keras logs it: the optimizer's float32 variable.
+        lr = np.float32(config.learning_rate_at(int(row["epoch"])))
+        row.setdefault("learning_rate", repr(float(lr)))
+        row.setdefault("val_learning_rate", "NA")
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_history(path):
@@ -210,11 +239,15 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     model.check_data(data.x_train)
     model.check_data(data.x_test)
     initial_epoch = state["epochs_completed"]
+    if resume:
+        _check_trained_schedule(RunConfig.from_dict(
+            json.loads((run_dir / "config.json").read_text())), config, initial_epoch)
     config.save(run_dir / "config.json")
-    _trim_history(run_dir / "history.csv", initial_epoch)
+    _prepare_history(run_dir / "history.csv", initial_epoch, config, validation=len(x_val) > 0)
 
     binarize = resolve_binarize(config)
     x_test = evaluation_copy(config, data.x_test)
+    datasets.save_test_set(run_dir / TEST_SET_FILE, x_test, data.y_test)
     validation = None
     if len(x_val):
         validation = datasets.evaluation_dataset(evaluation_copy(config, x_val),
@@ -247,9 +280,8 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     best = checkpoints / "best.keras"
     model = keras.saving.load_model(best if best.is_file() else last)
     history = read_history(run_dir / "history.csv")
-    datasets.save_test_set(run_dir / TEST_SET_FILE, x_test, data.y_test)
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
-    metrics = {"epochs_completed": len(history["loss"]),
+    metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
                "checkpoint": "best.keras" if best.is_file() else "last.keras",
                "test": report}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -10,7 +10,7 @@ import pytest
 from keras_vae import data as datasets
 from keras_vae.cli import main
 from keras_vae.config import ConfigError, RunConfig, load_config_file
-from keras_vae.train import checkpoint_state, train
+from keras_vae.train import checkpoint_state, read_history, train
 
 FAST = ["--hidden-units", "32", "--latent-dim", "2", "--batch-size", "128", "--quiet"]
 
@@ -209,8 +209,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     RunConfig().save(tmp_path / "run" / "config.json")
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
-    assert "only epochs, lr_decay_epochs, lr_decay_factor may change (got latent_dim)" \
-        in capsys.readouterr().err
+    assert "only --epochs, --lr-decay-epochs, --lr-decay-factor may change " \
+        "(got --latent-dim)" in capsys.readouterr().err
 
 
 def _learning_rates(run_dir):
@@ -238,7 +238,28 @@ def test_learning_rate_decay_and_extending_it_on_resume(tmp_path, capsys):
     # ...but not rewrite the learning rate of an epoch it has trained.
     assert main(["train", "--resume", str(run), "--epochs", "6", "--lr-decay-epochs", "2",
                  "--quiet"]) == 2
-    assert "epoch 1 ran at 0.0005" in capsys.readouterr().err
+    assert "epoch 1 (0-based; 5 are done) ran at 0.0005" in capsys.readouterr().err
+
+
+def test_resume_lines_up_a_history_written_before_the_learning_rate_was_logged(tmp_path):
+    config = RunConfig(epochs=2, hidden_units=(16,), latent_dim=2, batch_size=256,
+                       export_dir=str(tmp_path), plots=False)
+    run = tmp_path / "run"
+    train(config, run_dir=run, verbose=0)
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    old_fields = [k for k in rows[0] if "learning_rate" not in k]
+    with open(run / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 0
+    history = read_history(run / "history.csv")
+    assert history["learning_rate"] == [float(np.float32(1e-3))] * 4
+    # Every row's columns line up: with β = 1 the loss is −ELBO, on training and validation.
+    np.testing.assert_allclose(history["loss"], -np.array(history["elbo"]), rtol=1e-6)
+    np.testing.assert_allclose(history["val_loss"], -np.array(history["val_elbo"]), rtol=1e-6)
+    assert history["loss"][:2] == [float(row["loss"]) for row in rows]
 
 
 def test_shipped_configs_are_valid():
