@@ -10,26 +10,31 @@ from keras_vae.config import ConfigError, RunConfig, load_config_file
 
 
 def load_run_or_model(path):
-    """(model, run config or None) from a run directory (its best checkpoint, else its last)
-    or a ``.keras`` file."""
+    """(model, run config, run directory) from a run directory (its best checkpoint, else
+    its last) or a ``.keras`` file; the config and directory are None for a ``.keras`` file
+    outside a run's ``checkpoints/``."""
     import keras
 
     import keras_vae  # noqa: F401  (registers the serializable classes)
 
     path = Path(path)
-    config = None
     if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.is_file():
+        run_dir = path
+        if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a run directory: no config.json")
-        config = RunConfig.from_dict(json.loads(config_file.read_text()))
         candidates = [path / "checkpoints" / name for name in ("best.keras", "last.keras")]
         path = next((c for c in candidates if c.is_file()), None)
         if path is None:
-            raise FileNotFoundError(f"run directory {config_file.parent} has no checkpoint")
-    elif not path.is_file():
+            raise FileNotFoundError(f"run directory {run_dir} has no checkpoint")
+    elif path.is_file():
+        run_dir = path.parent.parent
+        if path.parent.name != "checkpoints" or not (run_dir / "config.json").is_file():
+            run_dir = None
+    else:
         raise FileNotFoundError(f"no run directory or .keras model at {path}")
-    return keras.saving.load_model(path), config
+    config = None if run_dir is None else RunConfig.from_dict(
+        json.loads((run_dir / "config.json").read_text()))
+    return keras.saving.load_model(path), config, run_dir
 
 
 def _flag(key):
@@ -87,9 +92,9 @@ def _cmd_evaluate(args):
     from keras_vae.evaluate import evaluate
     from keras_vae.train import TEST_SET_FILE, evaluation_copy
 
-    model, config = load_run_or_model(args.model)
-    saved = Path(args.model) / TEST_SET_FILE
-    if saved.is_file() and not (args.data or args.binarize):
+    model, config, run_dir = load_run_or_model(args.model)
+    saved = None if run_dir is None else run_dir / TEST_SET_FILE
+    if saved is not None and saved.is_file() and not (args.data or args.binarize):
         # The run's own test set, so that its scores never depend on redrawing it.
         x, _ = datasets.load_test_set(saved)
     else:
@@ -116,7 +121,7 @@ def _cmd_evaluate(args):
 def _cmd_export(args):
     from keras_vae.export import export_model
 
-    model, _ = load_run_or_model(args.model)
+    model, _, _ = load_run_or_model(args.model)
     print(export_model(model, args.export_dir, args.name))
 
 
@@ -125,7 +130,7 @@ def _cmd_sample(args):
 
     from keras_vae import plots
 
-    model, _ = load_run_or_model(args.model)
+    model, _, _ = load_run_or_model(args.model)
     images = model.sample(args.n, seed=args.seed).numpy()
     if args.output.endswith(".npy"):
         np.save(args.output, images)

@@ -107,22 +107,27 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path):
     assert main(["train", "--epochs", "1", "--hidden-units", "16", "--latent-dim", "3",
                  "--plots", "false", "--quiet", "--run-dir", str(tmp_path / "run"),
                  "--export-dir", str(tmp_path / "sm")]) == 0
-    model, config = load_run_or_model(tmp_path / "run")
+    model, config, _ = load_run_or_model(tmp_path / "run")
     from keras_vae.data import load
     from keras_vae.train import evaluation_copy
 
     x = evaluation_copy(config, load("digits").x_test)[:50]
     in_memory, _ = evaluate(model, x, num_samples=20, seed=1)
     reports = []
-    for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras"):
+    # A checkpoint outside its run needs the data named; inside, the run's test set is used.
+    elsewhere = tmp_path / "model.keras"
+    elsewhere.write_bytes((tmp_path / "run" / "checkpoints" / "best.keras").read_bytes())
+    for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras",
+                   elsewhere):
         out = tmp_path / f"{target.name}.json"
         args = ["evaluate", str(target), "--k", "20", "--seed", "1", "--limit", "50",
                 "--output", str(out), "--per-example", str(tmp_path / "scores.npz")]
-        if target.suffix == ".keras":
+        if target == elsewhere:
             args += ["--data", "digits", "--binarize", "dynamic"]
         assert main(args) == 0
         reports.append(json.loads(out.read_text()))
     for report in reports:
+        assert report["test_set_sha256"] == in_memory["test_set_sha256"]
         for key in ("elbo", "log_px", "gap"):
             assert report[key]["mean"] == pytest.approx(in_memory[key]["mean"], rel=1e-6)
     assert np.load(tmp_path / "scores.npz")["log_px"].shape == (50,)
