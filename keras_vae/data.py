@@ -193,14 +193,19 @@ def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     epochs_ds = tf.data.Dataset.range(initial_epoch, epochs)
-    return _shard_by_data(epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE))
+    return _with_options(epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE))
 
 
-def _shard_by_data(dataset):
-    """Multi-worker runs split each global batch between workers (the data is in memory,
-    there are no files to shard)."""
+def _with_options(dataset):
+    """The pipeline's options: multi-worker runs split each global batch between workers
+    (the data is in memory, there are no files to shard), and tf.data's autotuning is off."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    # Gathering and binarizing in-memory batches needs no tuning, and on a 2-core machine the
+    # autotuner left many models training at exactly half speed for the whole run (conv VAE:
+    # 2,480 against 4,800-5,200 examples/s); without it, 16 of 16 runs were at full speed
+    # (benchmarks/train_throughput.py, issue 6).
+    options.autotune.enabled = False
     return dataset.with_options(options)
 
 
@@ -214,6 +219,6 @@ def _gather(x, idx, binarize, seed, step):
 
 
 def evaluation_dataset(x, batch_size):
-    return _shard_by_data(
+    return _with_options(
         tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(
             tf.data.AUTOTUNE))
