@@ -98,6 +98,9 @@ def _cmd_evaluate(args):
         # The run's own test set, so that its scores never depend on redrawing it.
         x, _ = datasets.load_test_set(saved)
     else:
+        if config is None and not args.data:
+            raise ConfigError(f"{args.model} is not inside a run directory: name its data "
+                              f"with --data")
         overrides = {"likelihood": model.likelihood_name}
         if args.data:
             overrides["data"] = args.data

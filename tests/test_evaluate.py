@@ -103,7 +103,7 @@ def test_iwae_objective(digits):
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
-def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path):
+def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--hidden-units", "16", "--latent-dim", "3",
                  "--plots", "false", "--quiet", "--run-dir", str(tmp_path / "run"),
                  "--export-dir", str(tmp_path / "sm")]) == 0
@@ -117,6 +117,8 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path):
     # A checkpoint outside its run needs the data named; inside, the run's test set is used.
     elsewhere = tmp_path / "model.keras"
     elsewhere.write_bytes((tmp_path / "run" / "checkpoints" / "best.keras").read_bytes())
+    assert main(["evaluate", str(elsewhere), "--k", "2"]) == 2
+    assert "not inside a run directory: name its data with --data" in capsys.readouterr().err
     for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras",
                    elsewhere):
         out = tmp_path / f"{target.name}.json"
