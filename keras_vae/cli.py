@@ -32,8 +32,7 @@ def load_run_or_model(path):
             run_dir = None
     else:
         raise FileNotFoundError(f"no run directory or .keras model at {path}")
-    config = None if run_dir is None else RunConfig.from_dict(
-        json.loads((run_dir / "config.json").read_text()))
+    config = None if run_dir is None else RunConfig.load(run_dir / "config.json")
     return keras.saving.load_model(path), config, run_dir
 
 
@@ -67,7 +66,7 @@ def _cmd_train(args):
                 f"--resume continues a run with its saved config; only "
                 f"{', '.join(_flag(key) for key in sorted(RESUMABLE_KEYS))} may change "
                 f"(got {', '.join(changed) or '--config'})")
-        base = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        base = RunConfig.load(run_dir / "config.json")
         config = RunConfig.from_dict(overrides, base=base)
     else:
         run_dir = args.run_dir

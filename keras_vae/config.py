@@ -135,6 +135,11 @@ class RunConfig:
     def save(self, path):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    @classmethod
+    def load(cls, path):
+        """The config ``save`` wrote to ``path`` (a run's ``config.json``), checked."""
+        return cls.from_dict(load_config_file(path))
+
 
 def coerce(key, value, annotation):
     """Turns a JSON/YAML value or a command-line string into the field's type."""

@@ -240,8 +240,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     model.check_data(data.x_test)
     initial_epoch = state["epochs_completed"]
     if resume:
-        _check_trained_schedule(RunConfig.from_dict(
-            json.loads((run_dir / "config.json").read_text())), config, initial_epoch)
+        _check_trained_schedule(RunConfig.load(run_dir / "config.json"), config, initial_epoch)
     config.save(run_dir / "config.json")
     _prepare_history(run_dir / "history.csv", initial_epoch, config, validation=len(x_val) > 0)
 
@@ -279,14 +278,14 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     # evaluate RUN`; without validation data, its last.
     best = checkpoints / "best.keras"
     model = keras.saving.load_model(best if best.is_file() else last)
-    history = read_history(run_dir / "history.csv")
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
     metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
                "checkpoint": "best.keras" if best.is_file() else "last.keras",
                "test": report}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if config.plots:
-        write_plots(model, run_dir / "plots", history, x_test, data.y_test, config.seed)
+        write_plots(model, run_dir / "plots", read_history(run_dir / "history.csv"), x_test,
+                    data.y_test, config.seed)
     export_path = export_model(model, config.export_dir, config.export_name)
     (run_dir / "export.json").write_text(
         json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")

@@ -49,7 +49,7 @@ def test_cli_train_on_digits_writes_every_artefact(tmp_path, capsys):
     assert saved.endswith("saved_models/vae/1")
     assert (exports / "vae" / "1" / "saved_model.pb").is_file()
     # The saved config rebuilds the run.
-    config = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    config = RunConfig.load(run_dir / "config.json")
     assert config.epochs == 2 and config.hidden_units == (32,) and config.latent_dim == 2
     assert "test ELBO" in capsys.readouterr().out
 
@@ -233,7 +233,7 @@ def test_learning_rate_decay_and_extending_it_on_resume(tmp_path, capsys):
                                rtol=1e-6)
     model = keras.saving.load_model(run / "checkpoints" / "last.keras")
     np.testing.assert_allclose(float(model.optimizer.learning_rate), 1.25e-4, rtol=1e-6)
-    assert RunConfig.from_dict(json.loads((run / "config.json").read_text())) \
+    assert RunConfig.load(run / "config.json") \
         .lr_decay_epochs == (1, 2, 4)
     # ...but not rewrite the learning rate of an epoch it has trained.
     assert main(["train", "--resume", str(run), "--epochs", "6", "--lr-decay-epochs", "2",
