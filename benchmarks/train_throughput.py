@@ -1,23 +1,27 @@
 """Training throughput on MNIST: keras_vae against two references, side by side.
 
-    python benchmarks/train_throughput.py [--repeats 3] [--epochs-mlp 1] [--conv-examples 12800]
+    python benchmarks/train_throughput.py [--repeats 3] [--runs 2] [--no-torch]
 
 (a) the MLP of PyTorch's VAE example (784-400-20-400-784, Bernoulli, Adam 1e-3, batch 128):
     keras_vae (with each speed lever) vs a PyTorch implementation of that example and vs a
     plain Keras subclassed VAE written as the official Keras example writes it;
 (b) the official Keras example's convolutional VAE (latent 2): keras_vae vs plain Keras.
-Every contender trains the same number of examples per timed run; the runs alternate between
-contenders, repeat ``--repeats`` times, and the medians, their ratios to the references, the
-last run's mean training loss (nats per example) and the achieved FLOP/s as a fraction of
-this machine's measured float32 matmul peak are printed. The first epoch of each contender
-(tracing, XLA compilation) is not timed. Data: ../shared/data/mnist.npz (grayscale in [0, 1],
-the Bernoulli log-likelihood as binary cross-entropy, as in both examples). PyTorch is an
-optional benchmark dependency: pip install torch==2.13.0.
+Every contender trains the same number of examples per timed run, each in its own fresh
+process; the contenders take turns, ``--repeats`` processes each, and the medians, their
+ratios to the references, the last run's mean training loss (nats per example) and the
+achieved FLOP/s as a fraction of this machine's measured float32 matmul peak are printed. The
+first epoch of each process (tracing, XLA compilation) is not timed. Data:
+../shared/data/mnist.npz (grayscale in [0, 1], the Bernoulli log-likelihood as binary
+cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
+pip install torch==2.13.0.
 """
+
 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from keras_vae import VAE
 from keras_vae.data import training_dataset
 
 BATCH = 128
+BF16 = "mixed_bfloat16"
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
 
@@ -196,72 +201,103 @@ def matmul_peak(n=2048, repeats=20):
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def race(title, contenders, references, repeats, macs, peak):
-    times = {c.name: [] for c in contenders}
-    losses = {}
-    for _ in range(repeats):
-        for c in contenders:  # alternate, so drifts in machine load hit everyone
-            start = time.perf_counter()
-            losses[c.name] = c.run()
-            times[c.name].append(time.perf_counter() - start)
-    print(f"\n{title}: {contenders[0].examples} examples per run, median of {repeats}")
-    header = f"{'contender':<40}{'ex/s':>10}" + "".join(f"{'vs ' + r:>22}" for r in references)
-    print(header + f"{'loss':>10}{'of peak':>10}")
-    speed = {name: contenders[0].examples / statistics.median(t) for name, t in times.items()}
-    for name, s in speed.items():
-        ratios = "".join(f"{s / speed[r]:>21.2f}x" for r in references)
-        flops = 6 * macs * s  # 2 FLOPs per MAC, backward ≈ 2× forward
-        print(f"{name:<40}{s:>10.0f}{ratios}{losses[name]:>10.2f}{flops / peak:>9.1%}")
-
-
-def ours(arch):
+def ours(arch, dtype=None):
     if arch == "mlp":
-        return VAE((28, 28, 1), latent_dim=20, hidden_units=(400,), seed=0)
+        return VAE((28, 28, 1), latent_dim=20, hidden_units=(400,), seed=0, dtype=dtype)
     return VAE((28, 28, 1), latent_dim=2, architecture="conv", filters=(32, 64),
-               hidden_units=(16,), seed=0)
+               hidden_units=(16,), seed=0, dtype=dtype)
 
 
-def levers(arch, x, n):
-    """keras_vae alone and with each speed lever: steps_per_execution, XLA, both."""
-    return [
-        KerasContender("keras_vae", ours(arch), x, n, True),
-        KerasContender("keras_vae +steps_per_execution=16", ours(arch), x, n, True,
-                       steps_per_execution=16),
-        KerasContender("keras_vae +XLA", ours(arch), x, n, True, jit_compile=True),
-        KerasContender("keras_vae +XLA +steps_per_execution=16", ours(arch), x, n, True,
-                       jit_compile=True, steps_per_execution=16),
-    ]
+# keras_vae alone and with each speed lever: (name, dtype policy, compile arguments).
+SPE16 = {"steps_per_execution": 16}
+XLA = {"jit_compile": True}
+LEVERS = [
+    ("keras_vae", None, {}),
+    ("keras_vae +steps_per_execution=16", None, SPE16),
+    ("keras_vae +XLA", None, XLA),
+    ("keras_vae +XLA +steps_per_execution=16", None, {**XLA, **SPE16}),
+    ("keras_vae +bf16 +steps_per_execution=16", BF16, SPE16),
+    ("keras_vae +bf16 +XLA +steps_per_execution=16", BF16, {**XLA, **SPE16}),
+]
+PLAIN, TORCH = "plain keras (example style)", "pytorch example"
+
+
+def contender_names(arch, torch):
+    return [PLAIN] + ([TORCH] if torch else []) + [name for name, _, _ in LEVERS]
+
+
+def make_contender(arch, name, x, examples):
+    if name == PLAIN:
+        model = reference_mlp() if arch == "mlp" else reference_conv()
+        return KerasContender(name, model, x, examples, False)
+    if name == TORCH:
+        return TorchContender(x, examples)
+    _, dtype, kwargs = next(lever for lever in LEVERS if lever[0] == name)
+    return KerasContender(name, ours(arch, dtype), x, examples, True, **kwargs)
+
+
+def child(arch, name, examples, runs):
+    """Trains one contender in this (fresh) process and prints its median examples/s over
+    ``runs`` timed runs and its last mean training loss."""
+    with np.load(MNIST) as data:
+        x = (data["x_train"] / 255.0).astype("float32")[..., None]
+    contender = make_contender(arch, name, x, examples)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        loss = contender.run()
+        times.append(time.perf_counter() - start)
+    print(f"RESULT {examples / statistics.median(times)} {loss}")
+
+
+def race(arch, title, names, references, args, peak):
+    """Each repeat starts every contender in a fresh process, in turn: several models in one
+    process share tf.data's and TensorFlow's thread pools, and on this 2-core machine that
+    left some of them at half speed for their whole life, whichever contender it hit."""
+    examples = args.mlp_examples if arch == "mlp" else args.conv_examples
+    speeds, losses = {name: [] for name in names}, {}
+    for _ in range(args.repeats):
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", arch, name, "--examples", str(examples),
+                 "--runs", str(args.runs)], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"{name} ({arch}) failed:\n{out.stderr[-3000:]}")
+            speed, losses[name] = map(float, out.stdout.split("RESULT")[-1].split())
+            speeds[name].append(speed)
+    print(f"\n{title}: {examples} examples per run; median over {args.repeats} processes of "
+          f"each process's median of {args.runs} runs")
+    header = f"{'contender':<46}{'ex/s':>8}" + "".join(f"{'vs ' + r:>31}" for r in references)
+    print(header + f"{'loss':>9}{'of peak':>9}")
+    speed = {name: statistics.median(s) for name, s in speeds.items()}
+    macs = forward_macs(ours(arch))
+    for name, s in speed.items():
+        ratios = "".join(f"{s / speed[r]:>30.2f}x" for r in references)
+        flops = 6 * macs * s  # 2 FLOPs per MAC, backward ≈ 2× forward
+        print(f"{name:<46}{s:>8.0f}{ratios}{losses[name]:>9.2f}{flops / peak:>8.1%}",
+              flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="processes per contender")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per process")
     parser.add_argument("--mlp-examples", type=int, default=60000)
     parser.add_argument("--conv-examples", type=int, default=12800)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("ARCH", "NAME"), help=argparse.SUPPRESS)
+    parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with np.load(MNIST) as data:
-        x = (data["x_train"] / 255.0).astype("float32")[..., None]
+    if args.child:
+        return child(*args.child, args.examples, args.runs)
     peak = matmul_peak()
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
-          f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-
-
-    n = args.mlp_examples
-    mlp = [KerasContender("plain keras (example style)", reference_mlp(), x, n, False)]
-    if not args.no_torch:
-        mlp.append(TorchContender(x, n))
-    mlp += levers("mlp", x, n)
-    references = ["plain keras (example style)"] + ([] if args.no_torch else ["pytorch example"])
-    macs = forward_macs(ours("mlp"))
-    race("(a) MLP 784-400-20-400-784", mlp, references, args.repeats, macs, peak)
-
-    n = args.conv_examples
-    conv = [KerasContender("plain keras (example style)", reference_conv(), x, n, False)]
-    conv += levers("conv", x, n)
-    macs = forward_macs(ours("conv"))
-    race("(b) Keras example conv VAE, latent 2", conv, ["plain keras (example style)"],
-         args.repeats, macs, peak)
+          f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    torch = not args.no_torch
+    race("mlp", "(a) MLP 784-400-20-400-784", contender_names("mlp", torch),
+         [PLAIN] + ([TORCH] if torch else []), args, peak)
+    race("conv", "(b) Keras example conv VAE, latent 2", contender_names("conv", False),
+         [PLAIN], args, peak)
 
 
 if __name__ == "__main__":

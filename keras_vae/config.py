@@ -83,6 +83,11 @@ class RunConfig:
             ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
             ("steps_per_execution", self.steps_per_execution >= 1, "must be >= 1"),
+            # Keras's multi-step loop fails under tf.distribute with "You must feed a value
+            # for placeholder tensor" (keras-team/keras#19246, also for a plain Dense model).
+            ("steps_per_execution",
+             self.steps_per_execution == 1 or self.strategy == "default",
+             f"must be 1 with strategy {self.strategy!r} (keras-team/keras#19246)"),
             ("latent_dim", self.latent_dim >= 1, "must be >= 1"),
             ("num_samples", self.num_samples >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),

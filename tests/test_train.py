@@ -129,6 +129,8 @@ def test_config_file_with_flag_overrides(tmp_path):
         ({"lr_decay_epochs": [30, 20]}, "'lr_decay_epochs' must be increasing"),
         ({"lr_decay_epochs": "0"}, "'lr_decay_epochs' must be increasing"),
         ({"lr_decay_factor": 0}, "'lr_decay_factor' must be in"),
+        ({"strategy": "mirrored", "steps_per_execution": 16},
+         "'steps_per_execution' must be 1 with strategy 'mirrored'"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
