@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from keras_vae import VAE
+from keras_vae import VAE, FusedAdam
 from keras_vae.data import training_dataset
 
 BATCH = 128
@@ -107,10 +107,11 @@ def reference_conv():
 class KerasContender:
     """A Keras model trained with fit on ``examples`` examples per timed run."""
 
-    def __init__(self, name, model, x, examples, pipeline, **compile_kwargs):
+    def __init__(self, name, model, x, examples, pipeline, optimizer=keras.optimizers.Adam,
+                 **compile_kwargs):
         self.name, self.model, self.x, self.examples = name, model, x, examples
         self.pipeline = pipeline
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), **compile_kwargs)
+        model.compile(optimizer=optimizer(1e-3), **compile_kwargs)
         self.epoch = 0
         self.run()  # warm-up: tracing and compilation
 
@@ -208,22 +209,24 @@ def ours(arch, dtype=None):
                hidden_units=(16,), seed=0, dtype=dtype)
 
 
-# keras_vae alone and with each speed lever: (name, dtype policy, compile arguments).
+# keras_vae alone and with each speed lever: (name, dtype policy, optimizer, compile arguments).
 SPE16 = {"steps_per_execution": 16}
 XLA = {"jit_compile": True}
+ADAM = keras.optimizers.Adam
 LEVERS = [
-    ("keras_vae", None, {}),
-    ("keras_vae +steps_per_execution=16", None, SPE16),
-    ("keras_vae +XLA", None, XLA),
-    ("keras_vae +XLA +steps_per_execution=16", None, {**XLA, **SPE16}),
-    ("keras_vae +bf16 +steps_per_execution=16", BF16, SPE16),
-    ("keras_vae +bf16 +XLA +steps_per_execution=16", BF16, {**XLA, **SPE16}),
+    ("keras_vae", None, ADAM, {}),
+    ("keras_vae +steps_per_execution=16", None, ADAM, SPE16),
+    ("keras_vae +XLA", None, ADAM, XLA),
+    ("keras_vae +XLA +steps_per_execution=16", None, ADAM, {**XLA, **SPE16}),
+    ("keras_vae +FusedAdam", None, FusedAdam, {}),
+    ("keras_vae +FusedAdam +steps_per_execution=16", None, FusedAdam, SPE16),
+    ("keras_vae +FusedAdam +spe=16 +bf16", BF16, FusedAdam, SPE16),
 ]
 PLAIN, TORCH = "plain keras (example style)", "pytorch example"
 
 
 def contender_names(arch, torch):
-    return [PLAIN] + ([TORCH] if torch else []) + [name for name, _, _ in LEVERS]
+    return [PLAIN] + ([TORCH] if torch else []) + [lever[0] for lever in LEVERS]
 
 
 def make_contender(arch, name, x, examples):
@@ -232,8 +235,8 @@ def make_contender(arch, name, x, examples):
         return KerasContender(name, model, x, examples, False)
     if name == TORCH:
         return TorchContender(x, examples)
-    _, dtype, kwargs = next(lever for lever in LEVERS if lever[0] == name)
-    return KerasContender(name, ours(arch, dtype), x, examples, True, **kwargs)
+    _, dtype, optimizer, kwargs = next(lever for lever in LEVERS if lever[0] == name)
+    return KerasContender(name, ours(arch, dtype), x, examples, True, optimizer, **kwargs)
 
 
 def child(arch, name, examples, runs):

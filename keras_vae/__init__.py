@@ -7,10 +7,12 @@ from keras_vae.likelihoods import (
     get_likelihood,
 )
 from keras_vae.model import VAE
+from keras_vae.optimizers import FusedAdam
 from keras_vae.sampling import Sampling
 
 __all__ = [
     "VAE",
+    "FusedAdam",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "GaussianLikelihood",
