@@ -16,7 +16,6 @@ cross-entropy, as in both examples). PyTorch is an optional benchmark dependency
 pip install torch==2.13.0.
 """
 
-
 import argparse
 import os
 import statistics
@@ -225,7 +224,7 @@ LEVERS = [
 PLAIN, TORCH = "plain keras (example style)", "pytorch example"
 
 
-def contender_names(arch, torch):
+def contender_names(torch):
     return [PLAIN] + ([TORCH] if torch else []) + [lever[0] for lever in LEVERS]
 
 
@@ -264,7 +263,7 @@ def race(arch, title, names, references, args, peak):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", arch, name, "--examples", str(examples),
                  "--runs", str(args.runs)], capture_output=True, text=True)
-            if out.returncode:
+            if out.returncode or "RESULT" not in out.stdout:
                 raise RuntimeError(f"{name} ({arch}) failed:\n{out.stderr[-3000:]}")
             speed, losses[name] = map(float, out.stdout.split("RESULT")[-1].split())
             speeds[name].append(speed)
@@ -297,9 +296,9 @@ def main():
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     torch = not args.no_torch
-    race("mlp", "(a) MLP 784-400-20-400-784", contender_names("mlp", torch),
+    race("mlp", "(a) MLP 784-400-20-400-784", contender_names(torch),
          [PLAIN] + ([TORCH] if torch else []), args, peak)
-    race("conv", "(b) Keras example conv VAE, latent 2", contender_names("conv", False),
+    race("conv", "(b) Keras example conv VAE, latent 2", contender_names(False),
          [PLAIN], args, peak)
 
 

@@ -8,23 +8,41 @@ import tensorflow as tf
 from keras_vae import FusedAdam
 
 
-def _train(optimizer, initial, gradients):
+def _train(optimizer, initial, gradients, wrap=None):
+    """The weights and optimizer variables after applying ``gradients`` step by step, and
+    the op types of the traced step."""
     variables = [keras.Variable(w) for w in initial]
-    step = tf.function(lambda grads: optimizer.apply_gradients(zip(grads, variables)))
+    stepper = wrap(optimizer) if wrap else optimizer
+    step = tf.function(lambda grads: stepper.apply_gradients(zip(grads, variables)))
     for grads in gradients:
         step(grads)
-    return [v.numpy() for v in variables + optimizer.variables]
+    graph = step.get_concrete_function(gradients[0]).graph.as_graph_def()
+    ops = {node.op for node in graph.node}  # and in branch functions (LossScaleOptimizer)
+    ops |= {node.op for function in graph.library.function for node in function.node_def}
+    return [v.numpy() for v in variables + optimizer.variables], ops
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"amsgrad": True}, {"weight_decay": 0.1},
-                                    {"clipnorm": 1.0}])
-def test_fused_adam_matches_keras_adam(kwargs):
+SCHEDULE = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=5, decay_rate=0.5)
+
+
+@pytest.mark.parametrize("kwargs, wrap", [
+    ({}, None),
+    ({"weight_decay": 0.1}, None),
+    ({"clipnorm": 1.0}, None),
+    ({"learning_rate": SCHEDULE}, None),
+    ({}, keras.optimizers.LossScaleOptimizer),  # as under mixed_float16
+    ({"amsgrad": True}, None),  # Keras's update: FusedAdam hands AMSGrad back to it
+])
+def test_fused_adam_matches_keras_adam(kwargs, wrap):
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=shape).astype("float32") for shape in [(30, 7), (7,)]]
     gradients = [[rng.normal(size=w.shape).astype("float32") for w in initial]
                  for _ in range(25)]
-    expected = _train(keras.optimizers.Adam(0.01, **kwargs), initial, gradients)
-    got = _train(FusedAdam(0.01, **kwargs), initial, gradients)
+    kwargs = {"learning_rate": 0.01, **kwargs}
+    expected, _ = _train(keras.optimizers.Adam(**kwargs), initial, gradients, wrap)
+    got, ops = _train(FusedAdam(**kwargs), initial, gradients, wrap)
+    # The fused kernel really ran (except for AMSGrad, which it has no kernel for).
+    assert ("ResourceApplyAdam" in ops) == (not kwargs.get("amsgrad"))
     assert len(got) == len(expected)  # weights, iterations, learning rate, m and v per weight
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
