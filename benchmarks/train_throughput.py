@@ -224,10 +224,6 @@ LEVERS = [
 PLAIN, TORCH = "plain keras (example style)", "pytorch example"
 
 
-def contender_names(torch):
-    return [PLAIN] + ([TORCH] if torch else []) + [lever[0] for lever in LEVERS]
-
-
 def make_contender(arch, name, x, examples):
     if name == PLAIN:
         model = reference_mlp() if arch == "mlp" else reference_conv()
@@ -252,10 +248,12 @@ def child(arch, name, examples, runs):
     print(f"RESULT {examples / statistics.median(times)} {loss}")
 
 
-def race(arch, title, names, references, args, peak):
-    """Each repeat starts every contender in a fresh process, in turn: several models in one
-    process share tf.data's and TensorFlow's thread pools, and on this 2-core machine that
-    left some of them at half speed for their whole life, whichever contender it hit."""
+def race(arch, title, references, args, peak):
+    """Races the ``references`` and every lever. Each repeat starts every contender in a
+    fresh process, in turn: several models in one process share tf.data's and TensorFlow's
+    thread pools, and on this 2-core machine that left some of them at half speed for their
+    whole life, whichever contender it hit."""
+    names = references + [lever[0] for lever in LEVERS]
     examples = args.mlp_examples if arch == "mlp" else args.conv_examples
     speeds, losses = {name: [] for name in names}, {}
     for _ in range(args.repeats):
@@ -295,11 +293,9 @@ def main():
     peak = matmul_peak()
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
-    torch = not args.no_torch
-    race("mlp", "(a) MLP 784-400-20-400-784", contender_names(torch),
-         [PLAIN] + ([TORCH] if torch else []), args, peak)
-    race("conv", "(b) Keras example conv VAE, latent 2", contender_names(False),
-         [PLAIN], args, peak)
+    race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + ([] if args.no_torch else [TORCH]),
+         args, peak)
+    race("conv", "(b) Keras example conv VAE, latent 2", [PLAIN], args, peak)
 
 
 if __name__ == "__main__":
