@@ -4,9 +4,11 @@ Signatures (every input has a leading batch dimension, so TF Serving's row forma
 - ``serving_default``: x → reconstruction, z_mean, z_log_var
 - ``encode``:  x → z_mean, z_log_var
 - ``decode``:  z → mean (probabilities for Bernoulli) and the likelihood's parameters
-               (``logits``, or ``loc`` and ``scale``), each of the data's shape
+               (``logits``, or ``loc`` and ``scale``), each of the data's shape; for an
+               autoregressive decoder, along the greedy path x_d = 1[p(x_d | x_<d, z) > ½]
 - ``sample``:  seed (int64, one per row) → z ~ N(0, I) drawn statelessly from the seed, and
-               the mean E[x | z]; the same seed always gives the same row
+               the mean E[x | z] (autoregressive: along a draw x ~ p_θ(x|z), its noise
+               from the same seed); the same seed always gives the same row
 - ``score``:   x → elbo and log_px (nats), from SCORE_SAMPLES fixed draws ε_k shared by all
                rows: each example's score depends on that example alone, and is reproducible
 """
@@ -41,8 +43,9 @@ def serving_functions(model):
 
     @tf.function(input_signature=[x_spec])
     def serving_default(x):
-        z_mean, z_log_var = model.encode_params(checked_x(x))
-        return {"reconstruction": model.decode(z_mean).mean(), "z_mean": z_mean,
+        x = checked_x(x)
+        z_mean, z_log_var = model.encode_params(x)
+        return {"reconstruction": model.decode(z_mean, x).mean(), "z_mean": z_mean,
                 "z_log_var": z_log_var}
 
     @tf.function(input_signature=[x_spec])
@@ -50,8 +53,8 @@ def serving_functions(model):
         z_mean, z_log_var = model.encode_params(checked_x(x))
         return {"z_mean": z_mean, "z_log_var": z_log_var}
 
-    def decoded(z):
-        likelihood = model.decode(z)
+    def decoded(z, noise=None):
+        likelihood = model.decode(z, noise=noise)
         mean = likelihood.mean()
         outputs = {"mean": mean}
         for key, value in likelihood.distribution.parameters.items():
@@ -68,7 +71,12 @@ def serving_functions(model):
         z = tf.map_fn(
             lambda s: tf.random.stateless_normal((model.latent_dim,), seed=tf.stack([s, 0])),
             seed, fn_output_signature=tf.float32)
-        outputs = decoded(z)
+        noise = None
+        if model.autoregressive:
+            noise = tf.map_fn(
+                lambda s: tf.random.stateless_uniform(model.data_shape, seed=tf.stack([s, 1])),
+                seed, fn_output_signature=tf.float32)
+        outputs = decoded(z, noise)
         return {"z": z, "mean": outputs["mean"]}
 
     @tf.function(input_signature=[x_spec])

@@ -8,6 +8,8 @@ Per example, in nats:
                         = −log (1/K) Σ_k p(x|z_k) p(z_k)^β / q(z_k|x)^β (objective "iwae")
 """
 
+import math
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -35,7 +37,9 @@ class VAE(keras.Model):
     Args:
         data_shape: shape of one example, e.g. ``(28, 28, 1)`` or ``(64,)``.
         latent_dim: d, the size of z.
-        architecture: encoder/decoder family, ``"mlp"`` or ``"conv"`` (see ``networks``).
+        architecture: encoder/decoder family, ``"mlp"``, ``"conv"`` or ``"made"`` (an MLP
+            encoder and an autoregressive decoder p_θ(x|z) = Π_d p(x_d | x_<d, z); Bernoulli
+            likelihood only; see ``networks``).
         hidden_units, filters, activation: widths and nonlinearity of the networks.
         likelihood: ``"bernoulli"``, ``"continuous_bernoulli"`` or ``"gaussian"``.
         sigma, learn_sigma: the Gaussian likelihood's σ and whether/how it is learned.
@@ -76,6 +80,10 @@ class VAE(keras.Model):
         super().__init__(**kwargs)
         _check_choice("kl estimator", kl, KL_ESTIMATORS)
         _check_choice("objective", objective, OBJECTIVES)
+        if architecture == "made" and likelihood != "bernoulli":
+            raise ValueError(
+                f"architecture 'made' models binary data: it needs likelihood='bernoulli', "
+                f"got {likelihood!r}.")
         if int(latent_dim) < 1 or int(num_samples) < 1:
             raise ValueError(
                 f"latent_dim and num_samples must be positive; got {latent_dim}, {num_samples}."
@@ -126,7 +134,14 @@ class VAE(keras.Model):
         self.z_mean_head.build(features)
         self.z_log_var_head.build(features)
         self.likelihood.build(self.data_shape)
+        if self.autoregressive:
+            self.decoder_network.build()
         self.built = True
+
+    @property
+    def autoregressive(self):
+        """Whether the parameter of x_d depends on x_<d as well as z (architecture "made")."""
+        return self.architecture == "made"
 
     def compile(self, *args, jit_compile="auto", **kwargs):
         """``keras.Model.compile``; ``jit_compile="auto"`` means no XLA while ``check_inputs``
@@ -180,14 +195,46 @@ class VAE(keras.Model):
         """q_φ(z|x) as a TFP ``MultivariateNormalDiag`` with batch shape [batch]."""
         return self.posterior(*self.encode_params(x, training=training))
 
-    def decode(self, z, training=False):
-        """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``."""
+    def decode(self, z, x=None, noise=None, training=False):
+        """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``.
+
+        An autoregressive decoder's factor of x_d is p(x_d | x_<d, z), so it needs the
+        x_<d it is conditioned on. With ``x`` ([batch, *data_shape], z [..., batch, d]) they
+        are x's own: ``log_prob(x)`` is then log p_θ(x|z) exactly (and only at that x).
+        Without ``x`` (z [n, d]) they are drawn one element at a time, x_d = 1[u_d < p_d]
+        for uniform ``noise`` u ([n, *data_shape]): a sample x ~ p_θ(x|z), or with
+        ``noise=None`` (u = ½) the greedy path x_d = 1[p_d > ½]; the distribution returned
+        has the factors along that path. A factorized decoder ignores ``x`` and ``noise``.
+        """
         z = ops.convert_to_tensor(z, "float32")
+        if self.autoregressive:
+            if x is None:
+                x = self._draw(z, noise)
+            return self.likelihood.distribution(
+                self.decoder_network(z, ops.convert_to_tensor(x, "float32"),
+                                     training=training))
         leading = ops.shape(z)[:-1]
         # The networks take [n, d]; K samples per example arrive as [K, batch, d].
         params = self.decoder_network(ops.reshape(z, (-1, self.latent_dim)), training=training)
         params = ops.reshape(params, tuple(leading) + self.data_shape)
         return self.likelihood.distribution(params)
+
+    def _draw(self, z, noise):
+        """x ~ p_θ(x|z) element by element (see ``decode``): D passes of the decoder, the
+        d-th fixing x_d, which no later pass changes since ℓ_d reads x_<d only."""
+        n, size = ops.shape(z)[0], math.prod(self.data_shape)
+        u = 0.5 if noise is None else ops.reshape(ops.cast(noise, "float32"), (n, size))
+
+        def draw_element(d, x):
+            logits = ops.reshape(
+                self.decoder_network(z, ops.reshape(x, (n,) + self.data_shape)), (n, size))
+            one_hot = ops.one_hot(d, size)
+            p_d = ops.sum(ops.sigmoid(logits) * one_hot, axis=1, keepdims=True)
+            u_d = u if noise is None else ops.sum(u * one_hot, axis=1, keepdims=True)
+            return x + ops.cast(u_d < p_d, "float32") * one_hot
+
+        x = ops.fori_loop(0, size, draw_element, ops.zeros((n, size), "float32"))
+        return ops.reshape(x, (n,) + self.data_shape)
 
     # ------------------------------------------------------------------ objective
     def current_beta(self):
@@ -211,7 +258,7 @@ class VAE(keras.Model):
         prior = self.prior()
         z = self.sampling(
             (z_mean, z_log_var), num_samples=num_samples, seed=seed, epsilon=epsilon)
-        log_px_z = self.decode(z, training=training).log_prob(x)
+        log_px_z = self.decode(z, x, training=training).log_prob(x)
         kl = tfd.kl_divergence(posterior, prior)
         if not densities:
             return log_px_z, None, None, kl
@@ -245,9 +292,11 @@ class VAE(keras.Model):
 
     # ------------------------------------------------------------------ Keras hooks
     def call(self, x, training=False):
-        """The reconstruction E[x | z = μ_φ(x)] (probabilities for Bernoulli)."""
-        z_mean, _ = self.encode_params(self._checked(x), training=training)
-        return self.decode(z_mean, training=training).mean()
+        """The reconstruction E[x | z = μ_φ(x)] (probabilities for Bernoulli); for an
+        autoregressive decoder, each element's E[x_d | x_<d, z = μ_φ(x)]."""
+        x = self._checked(x)
+        z_mean, _ = self.encode_params(x, training=training)
+        return self.decode(z_mean, x, training=training).mean()
 
     def train_step(self, data):
         x = _features(data)
@@ -281,12 +330,14 @@ class VAE(keras.Model):
         return self(x)
 
     def sample(self, num_samples, seed=None):
-        """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]."""
-        z = keras.random.normal(
-            (num_samples, self.latent_dim),
-            seed=self.sampling.seed_generator if seed is None else seed,
-        )
-        return self.decode(z).mean()
+        """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]. For an autoregressive decoder,
+        E[x_d | x_<d, z] along a draw x ~ p_θ(x|z)."""
+        seed = self.sampling.seed_generator if seed is None else keras.random.SeedGenerator(seed)
+        z = keras.random.normal((num_samples, self.latent_dim), seed=seed)
+        noise = None
+        if self.autoregressive:
+            noise = keras.random.uniform((num_samples,) + self.data_shape, seed=seed)
+        return self.decode(z, noise=noise).mean()
 
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example ELBO E_q[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)) in nats ([batch]), the

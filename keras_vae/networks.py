@@ -3,14 +3,17 @@
 An encoder network maps x ∈ R^{data_shape} to a feature vector; the VAE puts the two
 linear heads μ_φ(x) and log σ²_φ(x) on top of it. A decoder network maps z ∈ R^d to the
 likelihood's parameters, one per data element (shape ``data_shape``): Bernoulli logits or
-the Gaussian mean μ_θ(z).
+the Gaussian mean μ_θ(z). The autoregressive decoder (``made``) also reads x: the
+parameter of element x_d is a function of z and of the elements before it, x_<d.
 """
 
 import math
 
 import keras
+import numpy as np
+from keras import ops
 
-ARCHITECTURES = ("mlp", "conv")
+ARCHITECTURES = ("mlp", "conv", "made")
 
 
 def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu", dtype=None):
@@ -94,6 +97,94 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
     return keras.Sequential(layers, name="decoder_network")
 
 
+def made_degrees(count, data_size):
+    """MADE degrees m_k ∈ [1, D−1] of ``count`` hidden units, spread evenly: unit k may see
+    x_j for j ≤ m_k."""
+    return 1 + (np.arange(count) * (data_size - 1)) // count
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class MADEDecoder(keras.layers.Layer):
+    """Bernoulli logits ℓ_d(x_<d, z) of an autoregressive p_θ(x|z) = Π_d p(x_d | x_<d, z),
+    x flattened in raster order (d = 1..D), by a MADE (Germain et al., 2015) that z
+    enters at every layer:
+
+        h₁ = a(M₁⊙W₁ x + V₁ z + b₁),   h_l = a(M_l⊙W_l h_{l−1} + V_l z + b_l),
+        ℓ  = M_o⊙W_o h_L + M_x⊙A x + V_o z + b_o.
+
+    Hidden unit k of every layer has degree m_k (``made_degrees``). The masks keep the
+    connections x_j → unit k with j ≤ m_k, unit k → unit k' with m_k ≤ m_k', unit k →
+    output d with m_k < d and, in the direct term A, x_j → output d with j < d; so ℓ_d
+    depends on x_<d only, and p_θ(x|z) is normalized.
+
+    ``call(z, x)`` takes z of shape [..., n, d] and x of shape [n, *data_shape] and returns
+    logits [..., n, *data_shape]; the terms of x are computed once per example and shared
+    by every z of that example (K importance samples cost K passes of the z terms only).
+    """
+
+    def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.data_shape = tuple(int(n) for n in data_shape)
+        self.latent_dim = int(latent_dim)
+        self.hidden_units = tuple(int(n) for n in hidden_units)
+        self.activation = keras.activations.get(activation)
+        self.activation_name = activation
+        size = math.prod(self.data_shape)
+        inputs = np.arange(1, size + 1)
+        degrees = [made_degrees(units, size) for units in self.hidden_units]
+        # Masks are fixed by the shapes, so they are constants, not saved weights.
+        masks = [degrees[0][None, :] >= inputs[:, None]]
+        masks += [b[None, :] >= a[:, None] for a, b in zip(degrees, degrees[1:])]
+        masks.append(inputs[None, :] > degrees[-1][:, None])
+        self._masks = [m.astype("float32") for m in masks]
+        self._direct_mask = (inputs[None, :] > inputs[:, None]).astype("float32")
+
+    def build(self, z_shape=None, x_shape=None):
+        size = math.prod(self.data_shape)
+        widths = (size,) + self.hidden_units + (size,)
+        self.kernels, self.latent_kernels, self.biases = [], [], []
+        for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+            self.kernels.append(self.add_weight(
+                (fan_in, fan_out), initializer="glorot_uniform", name=f"kernel_{i}"))
+            self.latent_kernels.append(self.add_weight(
+                (self.latent_dim, fan_out), initializer="glorot_uniform",
+                name=f"latent_kernel_{i}"))
+            self.biases.append(self.add_weight((fan_out,), initializer="zeros",
+                                               name=f"bias_{i}"))
+        # Zero at the start: the model begins as the MADE's hidden path alone.
+        self.direct_kernel = self.add_weight((size, size), initializer="zeros",
+                                             name="direct_kernel")
+
+    def _masked(self, kernel, mask):
+        return kernel * ops.cast(mask, kernel.dtype)
+
+    def call(self, z, x):
+        size = math.prod(self.data_shape)
+        n = ops.shape(x)[0]
+        x = ops.cast(ops.reshape(x, (n, size)), self.compute_dtype)
+        z = ops.cast(z, self.compute_dtype)
+        # The x terms, once per example; they broadcast over z's leading (sample) axes.
+        hidden = self.activation(
+            ops.matmul(x, self._masked(self.kernels[0], self._masks[0]))
+            + ops.matmul(z, self.latent_kernels[0]) + self.biases[0])
+        for kernel, latent_kernel, bias, mask in zip(
+                self.kernels[1:-1], self.latent_kernels[1:-1], self.biases[1:-1],
+                self._masks[1:-1]):
+            hidden = self.activation(ops.matmul(hidden, self._masked(kernel, mask))
+                                     + ops.matmul(z, latent_kernel) + bias)
+        logits = (ops.matmul(hidden, self._masked(self.kernels[-1], self._masks[-1]))
+                  + ops.matmul(x, self._masked(self.direct_kernel, self._direct_mask))
+                  + ops.matmul(z, self.latent_kernels[-1]) + self.biases[-1])
+        logits = ops.cast(logits, "float32")
+        return ops.reshape(logits, tuple(ops.shape(logits)[:-1]) + self.data_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "data_shape": list(self.data_shape),
+                "latent_dim": self.latent_dim, "hidden_units": list(self.hidden_units),
+                "activation": self.activation_name}
+
+
 def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation,
                    dtype=None):
     """Returns ``(encoder_network, decoder_network)`` of the named family, their layers in
@@ -109,6 +200,10 @@ def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, 
             conv_encoder(data_shape, filters, hidden_units, activation, dtype),
             conv_decoder(data_shape, latent_dim, filters, activation, dtype),
         )
+    if architecture == "made":
+        made = MADEDecoder(data_shape, latent_dim, tuple(reversed(hidden_units)), activation,
+                           dtype=dtype, name="decoder_network")
+        return mlp_encoder(data_shape, hidden_units, activation, dtype), made
     raise ValueError(
         f"Unknown architecture {architecture!r}; expected one of {ARCHITECTURES}."
     )

@@ -33,7 +33,7 @@ def test_closed_form_kl_formula_in_metrics_is_mean_over_examples(digits):
     np.testing.assert_allclose(results["loss"], -results["elbo"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+@pytest.mark.parametrize("architecture", ["mlp", "conv", "made"])
 def test_a_few_epochs_on_digits_lower_the_test_loss(digits, architecture):
     model = small_vae(architecture=architecture, hidden_units=(64,), latent_dim=8)
     train, test = digits[:1500], digits[1500:]

@@ -156,6 +156,19 @@ def test_cli_reports_bad_config_and_missing_files(tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
 
 
+def test_steps_per_execution_must_divide_the_epoch(tmp_path):
+    # digits: 1437 training images in batches of 100 are 15 steps an epoch.
+    values = dict(data="digits", validation_fraction=0, batch_size=100, epochs=2,
+                  latent_dim=2, hidden_units=(16,), plots=False,
+                  export_dir=str(tmp_path / "saved_models"))
+    with pytest.raises(ConfigError, match=r"divide the 15 steps of an epoch, or Keras runs "
+                                          r"16 steps an epoch; got 4 .*divisor below it is 3"):
+        train(RunConfig(**values, steps_per_execution=4), tmp_path / "refused", verbose=0)
+    assert not (tmp_path / "refused").exists()
+    result = train(RunConfig(**values, steps_per_execution=5), tmp_path / "run", verbose=0)
+    assert int(result.model.optimizer.iterations.numpy()) == 2 * 15
+
+
 def test_npz_data_through_the_cli(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),

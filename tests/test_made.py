@@ -1,0 +1,129 @@
+"""The autoregressive decoder (architecture "made"): masks, normalization, drawing, export."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vae import VAE
+from keras_vae.config import ConfigError, RunConfig
+from keras_vae.export import export_model
+
+SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
+
+
+@pytest.fixture(scope="module")
+def made():
+    keras.utils.set_random_seed(0)
+    model = VAE(SHAPE, latent_dim=3, architecture="made", hidden_units=(12, 9),
+                activation="tanh", seed=0)
+    # Every weight random, the direct kernel too (it starts at zero), so that no
+    # connection the masks allow is silently absent.
+    rng = np.random.default_rng(0)
+    for weight in model.decoder_network.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    return model
+
+
+def binary(rng, n):
+    return (rng.random((n,) + SHAPE) < 0.5).astype("float32")
+
+
+def numpy_logits(decoder, z, x):
+    """ℓ(x, z) of the MADE written from its definition, masks built from the degrees."""
+    kernels = [k.numpy().astype("float64") for k in decoder.kernels]
+    latent = [k.numpy().astype("float64") for k in decoder.latent_kernels]
+    biases = [b.numpy().astype("float64") for b in decoder.biases]
+    size = x[0].size
+    x = x.reshape(len(x), size).astype("float64")
+    inputs = np.arange(1, size + 1)
+    degrees = [1 + (np.arange(w.shape[1]) * (size - 1)) // w.shape[1] for w in kernels[:-1]]
+    previous, h = inputs, x
+    for i, m in enumerate(degrees):
+        mask = m[None, :] >= previous[:, None]
+        h = np.tanh(h @ (kernels[i] * mask) + z @ latent[i] + biases[i])
+        previous = m
+    out_mask = inputs[None, :] > previous[:, None]
+    direct = decoder.direct_kernel.numpy() * (inputs[None, :] > inputs[:, None])
+    return h @ (kernels[-1] * out_mask) + x @ direct + z @ latent[-1] + biases[-1]
+
+
+def test_logits_match_the_definition(made, rng):
+    x, z = binary(rng, 6), rng.normal(size=(6, 3)).astype("float32")
+    logits = made.decoder_network(z, x).numpy().reshape(6, -1)
+    np.testing.assert_allclose(logits, numpy_logits(made.decoder_network, z, x),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_logit_d_depends_on_x_before_d_and_on_all_of_them(made, rng):
+    x, z = binary(rng, 2), rng.normal(size=(5, 2, 3)).astype("float32")
+    logits = made.decoder_network(z, x).numpy().reshape(5, 2, 16)
+    for j in range(16):
+        flipped = x.reshape(2, 16).copy()
+        flipped[:, j] = 1 - flipped[:, j]
+        changed = made.decoder_network(z, flipped.reshape((2,) + SHAPE)).numpy()
+        changed = np.abs(changed.reshape(5, 2, 16) - logits).max(axis=(0, 1)) > 0
+        np.testing.assert_array_equal(changed, np.arange(16) > j, err_msg=f"flipped x_{j}")
+
+
+def test_p_x_given_z_sums_to_one_over_all_binary_images(made, rng):
+    every_x = np.array(list(itertools.product([0.0, 1.0], repeat=16)), "float32")
+    every_x = every_x.reshape((-1,) + SHAPE)
+    for z in rng.normal(size=(2, 3)).astype("float32"):
+        z = np.broadcast_to(z, (len(every_x), 3))
+        log_p = made.decode(z, every_x).log_prob(every_x).numpy().astype("float64")
+        np.testing.assert_allclose(np.exp(log_p).sum(), 1.0, rtol=1e-5)
+
+
+def test_k_samples_share_the_x_terms(made, rng):
+    # z of shape [K, n, d] against x of shape [n, ...] equals K separate decodes.
+    x, z = binary(rng, 3), rng.normal(size=(4, 3, 3)).astype("float32")
+    together = made.decode(z, x).log_prob(x).numpy()
+    apart = np.stack([made.decode(z_k, x).log_prob(x).numpy() for z_k in z])
+    np.testing.assert_allclose(together, apart, rtol=1e-6)
+
+
+def test_drawn_images_follow_their_own_conditionals(made, rng):
+    z = rng.normal(size=(8, 3)).astype("float32")
+    noise = rng.random((8,) + SHAPE).astype("float32")
+    drawn = made.decode(z, noise=noise)
+    # x_d = 1[u_d < p(x_d = 1 | x_<d, z)], the conditionals recomputed on the drawn x.
+    x = (noise < drawn.mean().numpy()).astype("float32")
+    np.testing.assert_array_equal(
+        drawn.mean().numpy(), made.decode(z, x).mean().numpy())
+    greedy = made.decode(z).mean().numpy()
+    np.testing.assert_array_equal(
+        greedy, made.decode(z, (greedy > 0.5).astype("float32")).mean().numpy())
+    np.testing.assert_array_equal(made.sample(5, seed=2), made.sample(5, seed=2))
+
+
+def test_importance_weighted_bound_rises_with_k(made, rng):
+    x = binary(rng, 50)
+    log_px = [made.score(x, k, seed=1)["log_px"].numpy().mean() for k in (1, 100)]
+    assert log_px[1] > log_px[0]
+
+
+def test_export_serves_the_models_outputs(made, rng, tmp_path):
+    path = export_model(made, tmp_path, "made")
+    served = tf.saved_model.load(str(path)).signatures
+    x, z = binary(rng, 4), rng.normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(served["serving_default"](x=x)["reconstruction"].numpy(),
+                               made.reconstruct(x).numpy(), rtol=1e-5, atol=1e-6)
+    decoded = served["decode"](z=z)
+    np.testing.assert_allclose(decoded["mean"].numpy(), made.decode(z).mean().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    seeds = np.array([3, 7], "int64")
+    sample = served["sample"](seed=seeds)
+    noise = np.stack([tf.random.stateless_uniform(SHAPE, seed=[s, 1]).numpy() for s in seeds])
+    np.testing.assert_allclose(sample["mean"].numpy(),
+                               made.decode(sample["z"], noise=noise).mean().numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_made_needs_the_bernoulli_likelihood():
+    with pytest.raises(ValueError, match="likelihood='bernoulli'"):
+        VAE(SHAPE, architecture="made", likelihood="gaussian")
+    with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli'"):
+        RunConfig(architecture="made", likelihood="gaussian").validate()
