@@ -78,6 +78,8 @@ class RunConfig:
             ("likelihood", self.likelihood in LIKELIHOODS, f"must be one of {LIKELIHOODS}"),
             ("likelihood", self.architecture != "made" or self.likelihood == "bernoulli",
              "must be 'bernoulli' for architecture 'made' (a model of binary data)"),
+            ("binarize", self.architecture != "made" or self.binarize != "none",
+             "must binarize the data for architecture 'made' (a model of binary data)"),
             ("hidden_units", self.architecture != "made" or len(self.hidden_units) >= 1,
              "needs at least one width for architecture 'made'"),
             ("learn_sigma", self.learn_sigma in SIGMA_MODES, f"must be one of {SIGMA_MODES}"),

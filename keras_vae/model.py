@@ -80,6 +80,9 @@ class VAE(keras.Model):
         super().__init__(**kwargs)
         _check_choice("kl estimator", kl, KL_ESTIMATORS)
         _check_choice("objective", objective, OBJECTIVES)
+        if architecture == "made" and not hidden_units:
+            raise ValueError("architecture 'made' needs at least one hidden layer; "
+                             "got hidden_units=().")
         if architecture == "made" and likelihood != "bernoulli":
             raise ValueError(
                 f"architecture 'made' models binary data: it needs likelihood='bernoulli', "
@@ -204,7 +207,8 @@ class VAE(keras.Model):
         Without ``x`` (z [n, d]) they are drawn one element at a time, x_d = 1[u_d < p_d]
         for uniform ``noise`` u ([n, *data_shape]): a sample x ~ p_θ(x|z), or with
         ``noise=None`` (u = ½) the greedy path x_d = 1[p_d > ½]; the distribution returned
-        has the factors along that path. A factorized decoder ignores ``x`` and ``noise``.
+        has the factors along that path (D + 1 decoder passes in all). A factorized decoder
+        ignores ``x`` and ``noise``.
         """
         z = ops.convert_to_tensor(z, "float32")
         if self.autoregressive:
@@ -222,6 +226,10 @@ class VAE(keras.Model):
     def _draw(self, z, noise):
         """x ~ p_θ(x|z) element by element (see ``decode``): D passes of the decoder, the
         d-th fixing x_d, which no later pass changes since ℓ_d reads x_<d only."""
+        if len(z.shape) != 2:
+            raise ValueError(
+                f"Drawing x from the autoregressive decoder takes z of shape (n, "
+                f"{self.latent_dim}); got shape {tuple(z.shape)}.")
         n, size = ops.shape(z)[0], math.prod(self.data_shape)
         u = 0.5 if noise is None else ops.reshape(ops.cast(noise, "float32"), (n, size))
 
@@ -332,11 +340,16 @@ class VAE(keras.Model):
     def sample(self, num_samples, seed=None):
         """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]. For an autoregressive decoder,
         E[x_d | x_<d, z] along a draw x ~ p_θ(x|z)."""
-        seed = self.sampling.seed_generator if seed is None else keras.random.SeedGenerator(seed)
-        z = keras.random.normal((num_samples, self.latent_dim), seed=seed)
+        z_shape, noise_shape = (num_samples, self.latent_dim), (num_samples,) + self.data_shape
         noise = None
-        if self.autoregressive:
-            noise = keras.random.uniform((num_samples,) + self.data_shape, seed=seed)
+        if seed is None:
+            z = keras.random.normal(z_shape, seed=self.sampling.seed_generator)
+            if self.autoregressive:
+                noise = keras.random.uniform(noise_shape, seed=self.sampling.seed_generator)
+        else:  # stateless, so that sample() also runs inside a tf.function
+            z = tf.random.stateless_normal(z_shape, seed=[seed, 0])
+            if self.autoregressive:
+                noise = tf.random.stateless_uniform(noise_shape, seed=[seed, 1])
         return self.decode(z, noise=noise).mean()
 
     def elbo(self, x, num_samples=1, seed=None):

@@ -118,8 +118,8 @@ class MADEDecoder(keras.layers.Layer):
     depends on x_<d only, and p_θ(x|z) is normalized.
 
     ``call(z, x)`` takes z of shape [..., n, d] and x of shape [n, *data_shape] and returns
-    logits [..., n, *data_shape]; the terms of x are computed once per example and shared
-    by every z of that example (K importance samples cost K passes of the z terms only).
+    logits [..., n, *data_shape]; the two terms that read x (W₁ x and A x) are computed
+    once per example and shared by every z of that example.
     """
 
     def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
@@ -130,15 +130,14 @@ class MADEDecoder(keras.layers.Layer):
         self.hidden_units = tuple(int(n) for n in hidden_units)
         self.activation = keras.activations.get(activation)
         self.activation_name = activation
+        if not self.hidden_units:
+            raise ValueError("MADEDecoder needs at least one hidden layer; got hidden_units=().")
         size = math.prod(self.data_shape)
-        inputs = np.arange(1, size + 1)
-        degrees = [made_degrees(units, size) for units in self.hidden_units]
-        # Masks are fixed by the shapes, so they are constants, not saved weights.
-        masks = [degrees[0][None, :] >= inputs[:, None]]
-        masks += [b[None, :] >= a[:, None] for a, b in zip(degrees, degrees[1:])]
-        masks.append(inputs[None, :] > degrees[-1][:, None])
-        self._masks = [m.astype("float32") for m in masks]
-        self._direct_mask = (inputs[None, :] > inputs[:, None]).astype("float32")
+        # The degrees fix the masks; the masks themselves (D×H floats each) are built in
+        # call(), so that traced graphs and SavedModels hold the degrees, not the masks.
+        self._degrees = [np.arange(1, size + 1, dtype="int32")]
+        self._degrees += [made_degrees(units, size).astype("int32")
+                          for units in self.hidden_units]
 
     def build(self, z_shape=None, x_shape=None):
         size = math.prod(self.data_shape)
@@ -156,25 +155,30 @@ class MADEDecoder(keras.layers.Layer):
         self.direct_kernel = self.add_weight((size, size), initializer="zeros",
                                              name="direct_kernel")
 
-    def _masked(self, kernel, mask):
-        return kernel * ops.cast(mask, kernel.dtype)
+    def _masked(self, kernel, degrees_in, degrees_out, strict):
+        """kernel ⊙ M with M_jk = 1[out_k > in_j] (``strict``) or 1[out_k ≥ in_j]."""
+        degrees_in = ops.expand_dims(ops.convert_to_tensor(degrees_in), 1)
+        degrees_out = ops.expand_dims(ops.convert_to_tensor(degrees_out), 0)
+        compare = ops.greater if strict else ops.greater_equal
+        return kernel * ops.cast(compare(degrees_out, degrees_in), kernel.dtype)
 
     def call(self, z, x):
         size = math.prod(self.data_shape)
         n = ops.shape(x)[0]
         x = ops.cast(ops.reshape(x, (n, size)), self.compute_dtype)
         z = ops.cast(z, self.compute_dtype)
+        inputs, degrees = self._degrees[0], self._degrees[1:]
         # The x terms, once per example; they broadcast over z's leading (sample) axes.
         hidden = self.activation(
-            ops.matmul(x, self._masked(self.kernels[0], self._masks[0]))
+            ops.matmul(x, self._masked(self.kernels[0], inputs, degrees[0], strict=False))
             + ops.matmul(z, self.latent_kernels[0]) + self.biases[0])
-        for kernel, latent_kernel, bias, mask in zip(
-                self.kernels[1:-1], self.latent_kernels[1:-1], self.biases[1:-1],
-                self._masks[1:-1]):
-            hidden = self.activation(ops.matmul(hidden, self._masked(kernel, mask))
-                                     + ops.matmul(z, latent_kernel) + bias)
-        logits = (ops.matmul(hidden, self._masked(self.kernels[-1], self._masks[-1]))
-                  + ops.matmul(x, self._masked(self.direct_kernel, self._direct_mask))
+        for i in range(1, len(degrees)):
+            kernel = self._masked(self.kernels[i], degrees[i - 1], degrees[i], strict=False)
+            hidden = self.activation(ops.matmul(hidden, kernel)
+                                     + ops.matmul(z, self.latent_kernels[i]) + self.biases[i])
+        output_kernel = self._masked(self.kernels[-1], degrees[-1], inputs, strict=True)
+        direct_kernel = self._masked(self.direct_kernel, inputs, inputs, strict=True)
+        logits = (ops.matmul(hidden, output_kernel) + ops.matmul(x, direct_kernel)
                   + ops.matmul(z, self.latent_kernels[-1]) + self.biases[-1])
         logits = ops.cast(logits, "float32")
         return ops.reshape(logits, tuple(ops.shape(logits)[:-1]) + self.data_shape)

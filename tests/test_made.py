@@ -14,17 +14,21 @@ from keras_vae.export import export_model
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
 
 
-@pytest.fixture(scope="module")
-def made():
+def random_made(**kwargs):
     keras.utils.set_random_seed(0)
     model = VAE(SHAPE, latent_dim=3, architecture="made", hidden_units=(12, 9),
-                activation="tanh", seed=0)
+                activation="tanh", seed=0, **kwargs)
     # Every weight random, the direct kernel too (it starts at zero), so that no
     # connection the masks allow is silently absent.
     rng = np.random.default_rng(0)
     for weight in model.decoder_network.weights:
         weight.assign(rng.normal(size=weight.shape).astype("float32"))
     return model
+
+
+@pytest.fixture(scope="module")
+def made():
+    return random_made()
 
 
 def binary(rng, n):
@@ -68,6 +72,18 @@ def test_logit_d_depends_on_x_before_d_and_on_all_of_them(made, rng):
         np.testing.assert_array_equal(changed, np.arange(16) > j, err_msg=f"flipped x_{j}")
 
 
+def test_the_hidden_path_alone_carries_x1_to_every_later_logit(rng):
+    model = random_made()
+    model.decoder_network.direct_kernel.assign(np.zeros((16, 16), "float32"))
+    x, z = binary(rng, 2), rng.normal(size=(2, 3)).astype("float32")
+    flipped = x.copy().reshape(2, 16)
+    flipped[:, 0] = 1 - flipped[:, 0]
+    before = model.decoder_network(z, x).numpy().reshape(2, 16)
+    after = model.decoder_network(z, flipped.reshape((2,) + SHAPE)).numpy().reshape(2, 16)
+    changed = np.abs(after - before).max(axis=0) > 0
+    np.testing.assert_array_equal(changed, np.arange(16) > 0)
+
+
 def test_p_x_given_z_sums_to_one_over_all_binary_images(made, rng):
     every_x = np.array(list(itertools.product([0.0, 1.0], repeat=16)), "float32")
     every_x = every_x.reshape((-1,) + SHAPE)
@@ -96,13 +112,45 @@ def test_drawn_images_follow_their_own_conditionals(made, rng):
     greedy = made.decode(z).mean().numpy()
     np.testing.assert_array_equal(
         greedy, made.decode(z, (greedy > 0.5).astype("float32")).mean().numpy())
-    np.testing.assert_array_equal(made.sample(5, seed=2), made.sample(5, seed=2))
+    z = tf.random.stateless_normal((5, 3), seed=[2, 0])
+    noise = tf.random.stateless_uniform((5,) + SHAPE, seed=[2, 1])
+    np.testing.assert_array_equal(made.sample(5, seed=2).numpy(),
+                                  made.decode(z, noise=noise).mean().numpy())
+    with pytest.raises(ValueError, match=r"takes z of shape \(n, 3\); got shape \(2, 8, 3\)"):
+        made.decode(tf.zeros((2, 8, 3)))
 
 
-def test_importance_weighted_bound_rises_with_k(made, rng):
-    x = binary(rng, 50)
-    log_px = [made.score(x, k, seed=1)["log_px"].numpy().mean() for k in (1, 100)]
-    assert log_px[1] > log_px[0]
+def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
+    x, epsilon = binary(rng, 7), rng.normal(size=(4, 7, 3)).astype("float32")
+    log_px_z, log_pz, log_qz, _ = made.log_weights(x, epsilon=epsilon)
+    mu, log_var = (t.numpy().astype("float64") for t in made.encode_params(x))
+    z = mu + np.exp(0.5 * log_var) * epsilon
+    flat = x.reshape(7, 16).astype("float64")
+    for k in range(4):
+        logits = numpy_logits(made.decoder_network, z[k], x)
+        expected = np.sum(flat * logits - np.logaddexp(0, logits), axis=1)
+        np.testing.assert_allclose(log_px_z.numpy()[k], expected, rtol=1e-4)
+    np.testing.assert_allclose(log_pz.numpy(),
+                               -0.5 * np.sum(z**2 + np.log(2 * np.pi), -1), rtol=1e-5)
+
+
+def test_keras_file_round_trip(made, rng, tmp_path):
+    made.save(tmp_path / "made.keras")
+    loaded = keras.saving.load_model(tmp_path / "made.keras")
+    x, epsilon = binary(rng, 5), rng.normal(size=(3, 5, 3)).astype("float32")
+    for got, want in zip(loaded.log_weights(x, epsilon=epsilon),
+                         made.log_weights(x, epsilon=epsilon)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(loaded.sample(4, seed=5), made.sample(4, seed=5))
+
+
+def test_mixed_precision_trains_with_float32_logits(rng):
+    model = VAE(SHAPE, latent_dim=3, architecture="made", hidden_units=(8,),
+                dtype="mixed_float16", seed=0)
+    model.compile(optimizer="adam")
+    history = model.fit(binary(rng, 64), batch_size=32, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert model.decoder_network(tf.zeros((2, 3)), binary(rng, 2)).dtype == "float32"
 
 
 def test_export_serves_the_models_outputs(made, rng, tmp_path):
@@ -122,8 +170,12 @@ def test_export_serves_the_models_outputs(made, rng, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_made_needs_the_bernoulli_likelihood():
+def test_made_needs_binary_data_and_a_hidden_layer():
     with pytest.raises(ValueError, match="likelihood='bernoulli'"):
         VAE(SHAPE, architecture="made", likelihood="gaussian")
+    with pytest.raises(ValueError, match="needs at least one hidden layer"):
+        VAE(SHAPE, architecture="made", hidden_units=())
     with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli'"):
         RunConfig(architecture="made", likelihood="gaussian").validate()
+    with pytest.raises(ConfigError, match="'binarize' must binarize the data"):
+        RunConfig(architecture="made", binarize="none").validate()
