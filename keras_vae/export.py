@@ -66,16 +66,17 @@ def serving_functions(model):
     def decode(z):
         return decoded(tf.ensure_shape(z, z_spec.shape))
 
+    def per_row(draw, shape, seed, stream):
+        """One stateless draw of ``shape`` per row, from (that row's seed, ``stream``)."""
+        return tf.map_fn(lambda s: draw(shape, seed=tf.stack([s, stream])), seed,
+                         fn_output_signature=tf.float32)
+
     @tf.function(input_signature=[seed_spec])
     def sample(seed):
-        z = tf.map_fn(
-            lambda s: tf.random.stateless_normal((model.latent_dim,), seed=tf.stack([s, 0])),
-            seed, fn_output_signature=tf.float32)
+        z = per_row(tf.random.stateless_normal, (model.latent_dim,), seed, 0)
         noise = None
         if model.autoregressive:
-            noise = tf.map_fn(
-                lambda s: tf.random.stateless_uniform(model.data_shape, seed=tf.stack([s, 1])),
-                seed, fn_output_signature=tf.float32)
+            noise = per_row(tf.random.stateless_uniform, model.data_shape, seed, 1)
         outputs = decoded(z, noise)
         return {"z": z, "mean": outputs["mean"]}
 

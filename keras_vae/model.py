@@ -80,9 +80,6 @@ class VAE(keras.Model):
         super().__init__(**kwargs)
         _check_choice("kl estimator", kl, KL_ESTIMATORS)
         _check_choice("objective", objective, OBJECTIVES)
-        if architecture == "made" and not hidden_units:
-            raise ValueError("architecture 'made' needs at least one hidden layer; "
-                             "got hidden_units=().")
         if architecture == "made" and likelihood != "bernoulli":
             raise ValueError(
                 f"architecture 'made' models binary data: it needs likelihood='bernoulli', "
