@@ -12,9 +12,9 @@ from keras_vae.sampling import Sampling
 
 __all__ = [
     "VAE",
-    "FusedAdam",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
+    "FusedAdam",
     "GaussianLikelihood",
     "Sampling",
     "get_likelihood",

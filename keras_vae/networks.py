@@ -7,6 +7,7 @@ the Gaussian mean μ_θ(z). The autoregressive decoder (``made``) also reads x: 
 parameter of element x_d is a function of z and of the elements before it, x_<d.
 """
 
+import itertools
 import math
 
 import keras
@@ -143,7 +144,7 @@ class MADEDecoder(keras.layers.Layer):
         size = math.prod(self.data_shape)
         widths = (size,) + self.hidden_units + (size,)
         self.kernels, self.latent_kernels, self.biases = [], [], []
-        for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             self.kernels.append(self.add_weight(
                 (fan_in, fan_out), initializer="glorot_uniform", name=f"kernel_{i}"))
             self.latent_kernels.append(self.add_weight(

@@ -122,7 +122,7 @@ def test_drawn_images_follow_their_own_conditionals(made, rng):
 
 def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
     x, epsilon = binary(rng, 7), rng.normal(size=(4, 7, 3)).astype("float32")
-    log_px_z, log_pz, log_qz, _ = made.log_weights(x, epsilon=epsilon)
+    log_px_z, log_pz, _, _ = made.log_weights(x, epsilon=epsilon)
     mu, log_var = (t.numpy().astype("float64") for t in made.encode_params(x))
     z = mu + np.exp(0.5 * log_var) * epsilon
     flat = x.reshape(7, 16).astype("float64")

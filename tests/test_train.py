@@ -158,9 +158,9 @@ def test_cli_reports_bad_config_and_missing_files(tmp_path, capsys):
 
 def test_steps_per_execution_must_divide_the_epoch(tmp_path):
     # digits: 1437 training images in batches of 100 are 15 steps an epoch.
-    values = dict(data="digits", validation_fraction=0, batch_size=100, epochs=2,
-                  latent_dim=2, hidden_units=(16,), plots=False,
-                  export_dir=str(tmp_path / "saved_models"))
+    values = {"data": "digits", "validation_fraction": 0, "batch_size": 100, "epochs": 2,
+              "latent_dim": 2, "hidden_units": (16,), "plots": False,
+              "export_dir": str(tmp_path / "saved_models")}
     with pytest.raises(ConfigError, match=r"divide the 15 steps of an epoch, or Keras runs "
                                           r"16 steps an epoch; got 4 .*divisor below it is 3"):
         train(RunConfig(**values, steps_per_execution=4), tmp_path / "refused", verbose=0)
