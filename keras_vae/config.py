@@ -38,6 +38,7 @@ class RunConfig:
     hidden_units: tuple[int, ...] = (256, 128)
     filters: tuple[int, ...] = (32, 64)
     activation: str = "relu"
+    dropout: float = 0.0  # on the decoder's hidden units while training
     likelihood: str = "bernoulli"
     sigma: float = 1.0
     learn_sigma: str = "none"
@@ -111,6 +112,7 @@ class RunConfig:
             ("early_stopping_patience",
              not self.early_stopping_patience or self.validation_fraction > 0,
              "needs validation data (validation_fraction > 0)"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("hidden_units", all(n >= 1 for n in self.hidden_units), "widths must be >= 1"),
             ("filters", len(self.filters) >= 1 and all(n >= 1 for n in self.filters),
              "needs at least one width, each >= 1"),

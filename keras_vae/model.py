@@ -41,6 +41,7 @@ class VAE(keras.Model):
             encoder and an autoregressive decoder p_θ(x|z) = Π_d p(x_d | x_<d, z); Bernoulli
             likelihood only; see ``networks``).
         hidden_units, filters, activation: widths and nonlinearity of the networks.
+        dropout: rate of dropout on the decoder's hidden units while training (0: none).
         likelihood: ``"bernoulli"``, ``"continuous_bernoulli"`` or ``"gaussian"``.
         sigma, learn_sigma: the Gaussian likelihood's σ and whether/how it is learned.
         beta: weight β on the KL term.
@@ -65,6 +66,7 @@ class VAE(keras.Model):
         hidden_units=(512, 256),
         filters=(32, 64),
         activation="relu",
+        dropout=0.0,
         likelihood="bernoulli",
         sigma=1.0,
         learn_sigma="none",
@@ -88,6 +90,8 @@ class VAE(keras.Model):
             raise ValueError(
                 f"latent_dim and num_samples must be positive; got {latent_dim}, {num_samples}."
             )
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
         if beta < 0 or kl_warmup_steps < 0:
             raise ValueError(
                 f"beta and kl_warmup_steps must be >= 0; got {beta}, {kl_warmup_steps}."
@@ -98,6 +102,7 @@ class VAE(keras.Model):
         self.hidden_units = tuple(int(n) for n in hidden_units)
         self.filters = tuple(int(n) for n in filters)
         self.activation = activation
+        self.dropout = float(dropout)
         self.likelihood_name = likelihood
         self.sigma = float(sigma)
         self.learn_sigma = learn_sigma
@@ -114,7 +119,7 @@ class VAE(keras.Model):
         policy = self.dtype_policy
         self.encoder_network, self.decoder_network = build_networks(
             architecture, self.data_shape, self.latent_dim, self.hidden_units, self.filters,
-            activation, dtype=policy,
+            activation, dtype=policy, dropout=self.dropout, seed=seed,
         )
         self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean", dtype=policy)
         self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var",
@@ -393,6 +398,7 @@ class VAE(keras.Model):
             "hidden_units": list(self.hidden_units),
             "filters": list(self.filters),
             "activation": self.activation,
+            "dropout": self.dropout,
             "likelihood": self.likelihood_name,
             "sigma": self.sigma,
             "learn_sigma": self.learn_sigma,

@@ -24,12 +24,22 @@ def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu", dtype=No
     return keras.Sequential(layers, name="encoder_network")
 
 
-def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="relu", dtype=None):
-    """z → Dense(h_n) → … → Dense(h₁) → Dense(prod(data_shape)) → reshape (mirror of the encoder)."""
+def _dropout(rate, seed, index):
+    """The dropout after decoder hidden layer ``index``: none at rate 0, so that a model
+    without dropout has the same layers (and weights file) as before. Its seed is offset by
+    the layer, so that equal-width layers do not drop the same units."""
+    return [keras.layers.Dropout(rate, seed=None if seed is None else seed + 1 + index)
+            ] if rate else []
+
+
+def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="relu", dtype=None,
+                dropout=0.0, seed=None):
+    """z → Dense(h_n) → … → Dense(h₁) → Dense(prod(data_shape)) → reshape (mirror of the
+    encoder); ``dropout`` after each hidden layer while training."""
     layers = [keras.Input(shape=(latent_dim,))]
-    layers += [
-        keras.layers.Dense(units, activation=activation, dtype=dtype) for units in reversed(hidden_units)
-    ]
+    for i, units in enumerate(reversed(hidden_units)):
+        layers.append(keras.layers.Dense(units, activation=activation, dtype=dtype))
+        layers += _dropout(dropout, seed, i)
     layers += [
         # The output layer stays float32 under mixed precision: likelihood parameters
         # (Gaussian means, logits) need more than float16's 3 decimal digits.
@@ -73,9 +83,11 @@ def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="r
     return keras.Sequential(layers, name="encoder_network")
 
 
-def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dtype=None):
+def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dtype=None,
+                 dropout=0.0, seed=None):
     """z → Dense → reshape to (H/2ⁿ, W/2ⁿ, f_n) → Conv2DTranspose(f, 3, stride 2) for f in
-    reversed(filters) → Conv2DTranspose(channels, 3) (linear: logits or means).
+    reversed(filters) → Conv2DTranspose(channels, 3) (linear: logits or means);
+    ``dropout`` after each hidden layer while training.
 
     With the defaults this is the decoder of the official Keras VAE example.
     """
@@ -86,13 +98,13 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
     layers = [
         keras.Input(shape=(latent_dim,)),
         keras.layers.Dense(math.prod(start), activation=activation, dtype=dtype),
+        *_dropout(dropout, seed, 0),
         keras.layers.Reshape(start, dtype=dtype),
     ]
-    layers += [
-        keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same", activation=activation,
-                                     dtype=dtype)
-        for f in reversed(filters)
-    ]
+    for i, f in enumerate(reversed(filters), start=1):
+        layers.append(keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same",
+                                                   activation=activation, dtype=dtype))
+        layers += _dropout(dropout, seed, i)
     # float32 output layer, as in mlp_decoder.
     layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32"))
     return keras.Sequential(layers, name="decoder_network")
@@ -120,17 +132,24 @@ class MADEDecoder(keras.layers.Layer):
 
     ``call(z, x)`` takes z of shape [..., n, d] and x of shape [n, *data_shape] and returns
     logits [..., n, *data_shape]; the two terms that read x (W₁ x and A x) are computed
-    once per example and shared by every z of that example.
+    once per example and shared by every z of that example. ``dropout`` drops hidden units
+    h_l while training (masks drawn per example and sample); the masks M keep the
+    autoregressive property for any dropped set.
     """
 
     def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
-                 **kwargs):
+                 dropout=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.data_shape = tuple(int(n) for n in data_shape)
         self.latent_dim = int(latent_dim)
         self.hidden_units = tuple(int(n) for n in hidden_units)
         self.activation = keras.activations.get(activation)
         self.activation_name = activation
+        self.dropout = float(dropout)
+        self.seed = seed
+        # One Dropout per hidden layer, owned by this layer (its SeedGenerator with it).
+        self.dropouts = [layer for i in range(len(self.hidden_units))
+                         for layer in _dropout(self.dropout, seed, i)]
         if not self.hidden_units:
             raise ValueError("MADEDecoder needs at least one hidden layer; got hidden_units=().")
         size = math.prod(self.data_shape)
@@ -163,7 +182,10 @@ class MADEDecoder(keras.layers.Layer):
         compare = ops.greater if strict else ops.greater_equal
         return kernel * ops.cast(compare(degrees_out, degrees_in), kernel.dtype)
 
-    def call(self, z, x):
+    def _drop(self, i, hidden, training):
+        return self.dropouts[i](hidden, training=training) if self.dropouts else hidden
+
+    def call(self, z, x, training=False):
         size = math.prod(self.data_shape)
         n = ops.shape(x)[0]
         x = ops.cast(ops.reshape(x, (n, size)), self.compute_dtype)
@@ -173,10 +195,12 @@ class MADEDecoder(keras.layers.Layer):
         hidden = self.activation(
             ops.matmul(x, self._masked(self.kernels[0], inputs, degrees[0], strict=False))
             + ops.matmul(z, self.latent_kernels[0]) + self.biases[0])
+        hidden = self._drop(0, hidden, training)
         for i in range(1, len(degrees)):
             kernel = self._masked(self.kernels[i], degrees[i - 1], degrees[i], strict=False)
             hidden = self.activation(ops.matmul(hidden, kernel)
                                      + ops.matmul(z, self.latent_kernels[i]) + self.biases[i])
+            hidden = self._drop(i, hidden, training)
         output_kernel = self._masked(self.kernels[-1], degrees[-1], inputs, strict=True)
         direct_kernel = self._masked(self.direct_kernel, inputs, inputs, strict=True)
         logits = (ops.matmul(hidden, output_kernel) + ops.matmul(x, direct_kernel)
@@ -187,27 +211,28 @@ class MADEDecoder(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "data_shape": list(self.data_shape),
                 "latent_dim": self.latent_dim, "hidden_units": list(self.hidden_units),
-                "activation": self.activation_name}
+                "activation": self.activation_name, "dropout": self.dropout, "seed": self.seed}
 
 
 def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation,
-                   dtype=None):
+                   dtype=None, dropout=0.0, seed=None):
     """Returns ``(encoder_network, decoder_network)`` of the named family, their layers in
-    the dtype policy ``dtype`` (default: the global one)."""
+    the dtype policy ``dtype`` (default: the global one), with ``dropout`` on the decoder's
+    hidden units while training."""
     data_shape = tuple(data_shape)
     if architecture == "mlp":
         return (
             mlp_encoder(data_shape, hidden_units, activation, dtype),
-            mlp_decoder(data_shape, latent_dim, hidden_units, activation, dtype),
+            mlp_decoder(data_shape, latent_dim, hidden_units, activation, dtype, dropout, seed),
         )
     if architecture == "conv":
         return (
             conv_encoder(data_shape, filters, hidden_units, activation, dtype),
-            conv_decoder(data_shape, latent_dim, filters, activation, dtype),
+            conv_decoder(data_shape, latent_dim, filters, activation, dtype, dropout, seed),
         )
     if architecture == "made":
         made = MADEDecoder(data_shape, latent_dim, tuple(reversed(hidden_units)), activation,
-                           dtype=dtype, name="decoder_network")
+                           dropout, seed, dtype=dtype, name="decoder_network")
         return mlp_encoder(data_shape, hidden_units, activation, dtype), made
     raise ValueError(
         f"Unknown architecture {architecture!r}; expected one of {ARCHITECTURES}."

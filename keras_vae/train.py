@@ -108,6 +108,7 @@ def build_model(config, data_shape, steps_per_epoch):
         hidden_units=config.hidden_units,
         filters=config.filters,
         activation=config.activation,
+        dropout=config.dropout,
         likelihood=config.likelihood,
         sigma=config.sigma,
         learn_sigma=config.learn_sigma,

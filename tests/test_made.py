@@ -72,6 +72,23 @@ def test_logit_d_depends_on_x_before_d_and_on_all_of_them(made, rng):
         np.testing.assert_array_equal(changed, np.arange(16) > j, err_msg=f"flipped x_{j}")
 
 
+def test_dropout_keeps_the_autoregressive_order_while_training(rng):
+    model = random_made(dropout=0.5)
+    x = tf.constant(binary(rng, 1))
+    z = rng.normal(size=(1, 3)).astype("float32")
+    inference = model.decoder_network(z, x).numpy().reshape(16)
+    np.testing.assert_allclose(inference, numpy_logits(model.decoder_network, z, x.numpy())[0],
+                               rtol=1e-4, atol=1e-4)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = tf.reshape(model.decoder_network(z, x, training=True), (16,))
+    # ∂ℓ_d/∂x_j of one draw of the dropout masks: zero for j ≥ d, as without dropout.
+    jacobian = tape.jacobian(logits, x).numpy().reshape(16, 16)
+    np.testing.assert_array_equal(jacobian[np.triu_indices(16)], 0.0)
+    assert np.abs(jacobian[np.tril_indices(16, -1)]).max() > 0
+    assert np.abs(logits.numpy() - inference).max() > 1e-3  # units were dropped
+
+
 def test_the_hidden_path_alone_carries_x1_to_every_later_logit(rng):
     model = random_made()
     model.decoder_network.direct_kernel.assign(np.zeros((16, 16), "float32"))
@@ -134,7 +151,9 @@ def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
                                -0.5 * np.sum(z**2 + np.log(2 * np.pi), -1), rtol=1e-5)
 
 
-def test_keras_file_round_trip(made, rng, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_keras_file_round_trip(dropout, rng, tmp_path):
+    made = random_made(dropout=dropout)
     made.save(tmp_path / "made.keras")
     loaded = keras.saving.load_model(tmp_path / "made.keras")
     x, epsilon = binary(rng, 5), rng.normal(size=(3, 5, 3)).astype("float32")

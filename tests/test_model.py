@@ -87,12 +87,29 @@ def test_beta_weights_the_kl_in_the_loss(digits):
 
 def test_config_round_trip():
     model = small_vae(architecture="conv", likelihood="gaussian", learn_sigma="per_pixel",
-                      beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3)
+                      dropout=0.2, beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3)
     config = model.get_config()
     json.dumps(config)  # plain JSON
     clone = VAE.from_config(config)
     assert clone.get_config() == config
     assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "conv"])
+def test_dropout_acts_on_the_decoder_only_while_training(architecture):
+    model = small_vae(architecture=architecture, filters=(4, 8), dropout=0.5)
+    plain = small_vae(architecture=architecture, filters=(4, 8))
+    for source, target in zip(model.trainable_weights, plain.trainable_weights, strict=True):
+        target.assign(source)
+    z = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    inference = model.decode(z).mean().numpy()
+    # Not training: the same function as the model without dropout, every time.
+    np.testing.assert_array_equal(inference, plain.decode(z).mean().numpy())
+    np.testing.assert_array_equal(inference, model.decode(z).mean().numpy())
+    # Training: units dropped, a fresh draw per call.
+    first, second = (model.decode(z, training=True).mean().numpy() for _ in range(2))
+    assert np.abs(first - inference).max() > 1e-3
+    assert np.abs(first - second).max() > 1e-3
 
 
 LOAD_SCRIPT = textwrap.dedent("""
@@ -171,6 +188,7 @@ def test_data_outside_unit_interval_is_refused(digits, likelihood):
         ({"likelihood": "gaussian", "learn_sigma": "per_channel"}, "Unknown learn_sigma"),
         ({"likelihood": "gaussian", "sigma": 0.0}, "sigma > 0"),
         ({"latent_dim": 0}, "must be positive"),
+        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):

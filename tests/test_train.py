@@ -129,6 +129,7 @@ def test_config_file_with_flag_overrides(tmp_path):
         ({"lr_decay_epochs": [30, 20]}, "'lr_decay_epochs' must be increasing"),
         ({"lr_decay_epochs": "0"}, "'lr_decay_epochs' must be increasing"),
         ({"lr_decay_factor": 0}, "'lr_decay_factor' must be in"),
+        ({"dropout": 1.0}, "'dropout' must be in \\[0, 1\\)"),
         ({"strategy": "mirrored", "steps_per_execution": 16},
          "'steps_per_execution' must be 1 with strategy 'mirrored'"),
     ],
