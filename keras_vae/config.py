@@ -10,7 +10,7 @@ import yaml
 
 from keras_vae.likelihoods import LIKELIHOODS, SIGMA_MODES
 from keras_vae.model import KL_ESTIMATORS, OBJECTIVES
-from keras_vae.networks import ARCHITECTURES
+from keras_vae.networks import ARCHITECTURES, AUTOREGRESSIVE
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -70,6 +70,7 @@ class RunConfig:
 
     def validate(self):
         """Raises ConfigError naming the first invalid key."""
+        autoregressive = self.architecture in AUTOREGRESSIVE
         checks = [
             ("data", self.data == "digits" or self.data.startswith(DATA_KINDS[1:]),
              f"must be one of {DATA_KINDS} (with its argument)"),
@@ -77,12 +78,14 @@ class RunConfig:
             ("architecture", self.architecture in ARCHITECTURES,
              f"must be one of {ARCHITECTURES}"),
             ("likelihood", self.likelihood in LIKELIHOODS, f"must be one of {LIKELIHOODS}"),
-            ("likelihood", self.architecture != "made" or self.likelihood == "bernoulli",
-             "must be 'bernoulli' for architecture 'made' (a model of binary data)"),
-            ("binarize", self.architecture != "made" or self.binarize != "none",
-             "must binarize the data for architecture 'made' (a model of binary data)"),
-            ("hidden_units", self.architecture != "made" or len(self.hidden_units) >= 1,
-             "needs at least one width for architecture 'made'"),
+            ("likelihood", not autoregressive or self.likelihood == "bernoulli",
+             (f"must be 'bernoulli' for architecture {self.architecture!r} (a model of "
+              "binary data)")),
+            ("binarize", not autoregressive or self.binarize != "none",
+             (f"must binarize the data for architecture {self.architecture!r} (a model of "
+              "binary data)")),
+            ("hidden_units", not autoregressive or len(self.hidden_units) >= 1,
+             f"needs at least one width for architecture {self.architecture!r}"),
             ("learn_sigma", self.learn_sigma in SIGMA_MODES, f"must be one of {SIGMA_MODES}"),
             ("kl", self.kl in KL_ESTIMATORS, f"must be one of {KL_ESTIMATORS}"),
             ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),

@@ -16,7 +16,7 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from keras_vae.likelihoods import get_likelihood
-from keras_vae.networks import build_networks
+from keras_vae.networks import AUTOREGRESSIVE, build_networks
 from keras_vae.sampling import Sampling
 
 tfd = tfp.distributions
@@ -37,9 +37,10 @@ class VAE(keras.Model):
     Args:
         data_shape: shape of one example, e.g. ``(28, 28, 1)`` or ``(64,)``.
         latent_dim: d, the size of z.
-        architecture: encoder/decoder family, ``"mlp"``, ``"conv"`` or ``"made"`` (an MLP
+        architecture: encoder/decoder family, ``"mlp"``, ``"conv"``, ``"made"`` (an MLP
             encoder and an autoregressive decoder p_θ(x|z) = Π_d p(x_d | x_<d, z); Bernoulli
-            likelihood only; see ``networks``).
+            likelihood only; see ``networks``) or ``"pixelcnn_made"`` (the same, with
+            masked convolutions of x_<d of widths ``filters``).
         hidden_units, filters, activation: widths and nonlinearity of the networks.
         dropout: rate of dropout on the decoder's hidden units while training (0: none).
         likelihood: ``"bernoulli"``, ``"continuous_bernoulli"`` or ``"gaussian"``.
@@ -82,9 +83,9 @@ class VAE(keras.Model):
         super().__init__(**kwargs)
         _check_choice("kl estimator", kl, KL_ESTIMATORS)
         _check_choice("objective", objective, OBJECTIVES)
-        if architecture == "made" and likelihood != "bernoulli":
+        if architecture in AUTOREGRESSIVE and likelihood != "bernoulli":
             raise ValueError(
-                f"architecture 'made' models binary data: it needs likelihood='bernoulli', "
+                f"architecture {architecture!r} models binary data: it needs likelihood='bernoulli', "
                 f"got {likelihood!r}.")
         if int(latent_dim) < 1 or int(num_samples) < 1:
             raise ValueError(
@@ -145,8 +146,9 @@ class VAE(keras.Model):
 
     @property
     def autoregressive(self):
-        """Whether the parameter of x_d depends on x_<d as well as z (architecture "made")."""
-        return self.architecture == "made"
+        """Whether the parameter of x_d depends on x_<d as well as z (architectures "made",
+        "pixelcnn_made")."""
+        return self.architecture in AUTOREGRESSIVE
 
     def compile(self, *args, jit_compile="auto", **kwargs):
         """``keras.Model.compile``; ``jit_compile="auto"`` means no XLA while ``check_inputs``

@@ -4,7 +4,8 @@ An encoder network maps x ∈ R^{data_shape} to a feature vector; the VAE puts t
 linear heads μ_φ(x) and log σ²_φ(x) on top of it. A decoder network maps z ∈ R^d to the
 likelihood's parameters, one per data element (shape ``data_shape``): Bernoulli logits or
 the Gaussian mean μ_θ(z). The autoregressive decoder (``made``) also reads x: the
-parameter of element x_d is a function of z and of the elements before it, x_<d.
+parameter of element x_d is a function of z and of the elements before it, x_<d;
+``pixelcnn_made`` adds masked convolutions of x_<d (a PixelCNN) to it.
 """
 
 import itertools
@@ -14,7 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
-ARCHITECTURES = ("mlp", "conv", "made")
+ARCHITECTURES = ("mlp", "conv", "made", "pixelcnn_made")
+AUTOREGRESSIVE = ("made", "pixelcnn_made")  # decoders of x_d that read x_<d
 
 
 def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu", dtype=None):
@@ -214,6 +216,80 @@ class MADEDecoder(keras.layers.Layer):
                 "activation": self.activation_name, "dropout": self.dropout, "seed": self.seed}
 
 
+def pixelcnn_mask(size, channels_in, channels_out, include_center):
+    """The mask of a k×k convolution kernel whose output at pixel i reads pixels before i in
+    raster order (rows above, and the same row to the left), and pixel i itself only if
+    ``include_center``: 1 for the allowed taps, 0 for the others."""
+    mask = np.zeros((size, size, channels_in, channels_out), "float32")
+    center = size // 2
+    mask[:center] = 1.0
+    mask[center, :center + int(include_center)] = 1.0
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class PixelCNNMADEDecoder(MADEDecoder):
+    """A ``MADEDecoder`` whose logits also read masked convolutions of the image (a
+    PixelCNN, van den Oord et al., 2016), for single-channel H×W images:
+
+        ℓ = MADE(x, z) + w_o · g_L(x),   g_0 = relu(A ⋆ x + c_0),
+        g_l = g_{l−1} + relu(B_l ⋆ g_{l−1} + c_l)   (l = 1..L),
+
+    A a 7×7 kernel that reads, at pixel d, the pixels before d in raster order only (mask
+    type A), B_l 3×3 kernels that also read pixel d's own features (type B), which depend
+    on x_<d only; so g_L(x)_d and ℓ_d read x_<d only and p_θ(x|z) stays normalized. The
+    convolutions see the neighbourhood of each pixel; the MADE carries z and the dependence
+    on pixels far away. g_L does not depend on z: it is computed once per example and shared
+    by all of its K samples of z, so an importance-sampled evaluation costs what the MADE's
+    does. ``filters`` are the widths of g_0..g_L (equal, for the residual sum); w_o starts
+    at zero, so the model begins as the MADE alone.
+    """
+
+    def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
+                 dropout=0.0, seed=None, filters=(32, 32, 32, 32, 32), **kwargs):
+        super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed,
+                         **kwargs)
+        self.filters = tuple(int(n) for n in filters)
+        if len(self.data_shape) != 3 or self.data_shape[-1] != 1:
+            raise ValueError(
+                f"Architecture 'pixelcnn_made' models single-channel images of shape "
+                f"(height, width, 1); got data_shape={self.data_shape}.")
+        if not self.filters or len(set(self.filters)) != 1:
+            raise ValueError(
+                f"Architecture 'pixelcnn_made' needs one or more equal convolution widths "
+                f"(residual layers); got filters={self.filters}.")
+
+    def build(self, z_shape=None, x_shape=None):
+        super().build()
+        width = self.filters[0]
+        self.conv_kernels, self.conv_biases, self._conv_masks = [], [], []
+        for i in range(len(self.filters)):
+            size, channels_in = (7, 1) if i == 0 else (3, width)
+            self.conv_kernels.append(self.add_weight(
+                (size, size, channels_in, width), initializer="he_normal",
+                name=f"conv_kernel_{i}"))
+            self.conv_biases.append(self.add_weight((width,), initializer="zeros",
+                                                    name=f"conv_bias_{i}"))
+            self._conv_masks.append(pixelcnn_mask(size, channels_in, width,
+                                                  include_center=i > 0))
+        self.pixel_head = self.add_weight((width, 1), initializer="zeros", name="pixel_head")
+
+    def call(self, z, x, training=False):
+        logits = super().call(z, x, training)
+        features = ops.cast(ops.reshape(x, (-1,) + self.data_shape), self.compute_dtype)
+        for i, (kernel, bias, mask) in enumerate(
+                zip(self.conv_kernels, self.conv_biases, self._conv_masks)):
+            update = ops.relu(ops.conv(features, kernel * ops.cast(mask, kernel.dtype),
+                                       padding="same") + bias)
+            features = update if i == 0 else features + update
+        pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
+        # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
+        return logits + pixel_logits
+
+    def get_config(self):
+        return {**super().get_config(), "filters": list(self.filters)}
+
+
 def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation,
                    dtype=None, dropout=0.0, seed=None):
     """Returns ``(encoder_network, decoder_network)`` of the named family, their layers in
@@ -234,6 +310,11 @@ def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, 
         made = MADEDecoder(data_shape, latent_dim, tuple(reversed(hidden_units)), activation,
                            dropout, seed, dtype=dtype, name="decoder_network")
         return mlp_encoder(data_shape, hidden_units, activation, dtype), made
+    if architecture == "pixelcnn_made":
+        decoder = PixelCNNMADEDecoder(data_shape, latent_dim, tuple(reversed(hidden_units)),
+                                      activation, dropout, seed, filters, dtype=dtype,
+                                      name="decoder_network")
+        return mlp_encoder(data_shape, hidden_units, activation, dtype), decoder
     raise ValueError(
         f"Unknown architecture {architecture!r}; expected one of {ARCHITECTURES}."
     )
