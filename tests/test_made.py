@@ -1,4 +1,5 @@
-"""The autoregressive decoder (architecture "made"): masks, normalization, drawing, export."""
+"""The autoregressive decoders (architectures "made" and "pixelcnn_made"): masks,
+normalization, drawing, export."""
 
 import itertools
 
@@ -14,21 +15,24 @@ from keras_vae.export import export_model
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
 
 
-def random_made(**kwargs):
+AUTOREGRESSIVE = ["made", "pixelcnn_made"]
+
+
+def random_made(architecture="made", **kwargs):
     keras.utils.set_random_seed(0)
-    model = VAE(SHAPE, latent_dim=3, architecture="made", hidden_units=(12, 9),
-                activation="tanh", seed=0, **kwargs)
-    # Every weight random, the direct kernel too (it starts at zero), so that no
-    # connection the masks allow is silently absent.
+    model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(12, 9),
+                filters=(5, 5, 5), activation="tanh", seed=0, **kwargs)
+    # Every weight random, the direct kernel and pixel head too (they start at zero), so
+    # that no connection the masks allow is silently absent.
     rng = np.random.default_rng(0)
-    for weight in model.decoder_network.weights:
-        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    for weight in model.decoder_network.trainable_weights:
+        weight.assign(rng.normal(scale=0.5, size=weight.shape).astype("float32"))
     return model
 
 
-@pytest.fixture(scope="module")
-def made():
-    return random_made()
+@pytest.fixture(scope="module", params=AUTOREGRESSIVE)
+def made(request):
+    return random_made(request.param)
 
 
 def binary(rng, n):
@@ -51,7 +55,32 @@ def numpy_logits(decoder, z, x):
         previous = m
     out_mask = inputs[None, :] > previous[:, None]
     direct = decoder.direct_kernel.numpy() * (inputs[None, :] > inputs[:, None])
-    return h @ (kernels[-1] * out_mask) + x @ direct + z @ latent[-1] + biases[-1]
+    logits = h @ (kernels[-1] * out_mask) + x @ direct + z @ latent[-1] + biases[-1]
+    if hasattr(decoder, "conv_kernels"):
+        logits = logits + numpy_pixel_logits(decoder, x.reshape((len(x),) + SHAPE[:2]))
+    return logits
+
+
+def numpy_pixel_logits(decoder, images):
+    """w_o · g_L(x) of the PixelCNN path, tap by tap: pixel (r, c) reads pixel (r', c') of
+    the layer below if (r', c') comes before it in raster order, or is (r, c) itself above
+    the first layer."""
+    height, width = images.shape[1:]
+    features = images[..., None]
+    for i, (kernel, bias) in enumerate(zip(decoder.conv_kernels, decoder.conv_biases)):
+        kernel, bias = kernel.numpy().astype("float64"), bias.numpy().astype("float64")
+        half = kernel.shape[0] // 2
+        out = np.zeros(features.shape[:3] + (kernel.shape[-1],))
+        for r, c in itertools.product(range(height), range(width)):
+            total = np.zeros((len(images), kernel.shape[-1]))
+            for dr, dc in itertools.product(range(-half, half + 1), repeat=2):
+                rr, cc = r + dr, c + dc
+                before = rr * width + cc < r * width + c or (i > 0 and (rr, cc) == (r, c))
+                if 0 <= rr < height and 0 <= cc < width and before:
+                    total += features[:, rr, cc] @ kernel[dr + half, dc + half]
+            out[:, r, c] = np.maximum(total + bias, 0.0)
+        features = out if i == 0 else features + out
+    return (features @ decoder.pixel_head.numpy()).reshape(len(images), -1)
 
 
 def test_logits_match_the_definition(made, rng):
@@ -72,8 +101,9 @@ def test_logit_d_depends_on_x_before_d_and_on_all_of_them(made, rng):
         np.testing.assert_array_equal(changed, np.arange(16) > j, err_msg=f"flipped x_{j}")
 
 
-def test_dropout_keeps_the_autoregressive_order_while_training(rng):
-    model = random_made(dropout=0.5)
+@pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
+def test_dropout_keeps_the_autoregressive_order_while_training(architecture, rng):
+    model = random_made(architecture, dropout=0.5)
     x = tf.constant(binary(rng, 1))
     z = rng.normal(size=(1, 3)).astype("float32")
     inference = model.decoder_network(z, x).numpy().reshape(16)
@@ -151,9 +181,10 @@ def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
                                -0.5 * np.sum(z**2 + np.log(2 * np.pi), -1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_keras_file_round_trip(dropout, rng, tmp_path):
-    made = random_made(dropout=dropout)
+@pytest.mark.parametrize("architecture, dropout", [("made", 0.0), ("made", 0.3),
+                                                   ("pixelcnn_made", 0.3)])
+def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
+    made = random_made(architecture, dropout=dropout)
     made.save(tmp_path / "made.keras")
     loaded = keras.saving.load_model(tmp_path / "made.keras")
     x, epsilon = binary(rng, 5), rng.normal(size=(3, 5, 3)).astype("float32")
@@ -163,9 +194,10 @@ def test_keras_file_round_trip(dropout, rng, tmp_path):
     np.testing.assert_array_equal(loaded.sample(4, seed=5), made.sample(4, seed=5))
 
 
-def test_mixed_precision_trains_with_float32_logits(rng):
-    model = VAE(SHAPE, latent_dim=3, architecture="made", hidden_units=(8,),
-                dtype="mixed_float16", seed=0)
+@pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
+def test_mixed_precision_trains_with_float32_logits(architecture, rng):
+    model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(8,),
+                filters=(4, 4), dtype="mixed_float16", seed=0)
     model.compile(optimizer="adam")
     history = model.fit(binary(rng, 64), batch_size=32, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
@@ -198,3 +230,13 @@ def test_made_needs_binary_data_and_a_hidden_layer():
         RunConfig(architecture="made", likelihood="gaussian").validate()
     with pytest.raises(ConfigError, match="'binarize' must binarize the data"):
         RunConfig(architecture="made", binarize="none").validate()
+    with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli' for architecture "
+                                          "'pixelcnn_made'"):
+        RunConfig(architecture="pixelcnn_made", likelihood="gaussian").validate()
+
+
+def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():
+    with pytest.raises(ValueError, match=r"shape \(height, width, 1\); got data_shape=\(4, 4, 3\)"):
+        VAE((4, 4, 3), architecture="pixelcnn_made", filters=(4, 4))
+    with pytest.raises(ValueError, match=r"equal convolution widths .*got filters=\(4, 8\)"):
+        VAE(SHAPE, architecture="pixelcnn_made", filters=(4, 8))
