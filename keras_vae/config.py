@@ -119,6 +119,8 @@ class RunConfig:
             ("hidden_units", all(n >= 1 for n in self.hidden_units), "widths must be >= 1"),
             ("filters", len(self.filters) >= 1 and all(n >= 1 for n in self.filters),
              "needs at least one width, each >= 1"),
+            ("filters", self.architecture != "pixelcnn_made" or len(set(self.filters)) == 1,
+             "must be equal widths (residual layers) for architecture 'pixelcnn_made'"),
         ]
         for key, ok, requirement in checks:
             if not ok:

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_vae.sampling import Dropout
+
 ARCHITECTURES = ("mlp", "conv", "made", "pixelcnn_made")
 AUTOREGRESSIVE = ("made", "pixelcnn_made")  # decoders of x_d that read x_<d
 
@@ -26,11 +28,11 @@ def mlp_encoder(data_shape, hidden_units=(512, 256), activation="relu", dtype=No
     return keras.Sequential(layers, name="encoder_network")
 
 
-def _dropout(rate, seed, index):
+def _dropout(rate, seed, index, dtype):
     """The dropout after decoder hidden layer ``index``: none at rate 0, so that a model
     without dropout has the same layers (and weights file) as before. Its seed is offset by
     the layer, so that equal-width layers do not drop the same units."""
-    return [keras.layers.Dropout(rate, seed=None if seed is None else seed + 1 + index)
+    return [Dropout(rate, seed=None if seed is None else seed + 1 + index, dtype=dtype)
             ] if rate else []
 
 
@@ -41,7 +43,7 @@ def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="rel
     layers = [keras.Input(shape=(latent_dim,))]
     for i, units in enumerate(reversed(hidden_units)):
         layers.append(keras.layers.Dense(units, activation=activation, dtype=dtype))
-        layers += _dropout(dropout, seed, i)
+        layers += _dropout(dropout, seed, i, dtype)
     layers += [
         # The output layer stays float32 under mixed precision: likelihood parameters
         # (Gaussian means, logits) need more than float16's 3 decimal digits.
@@ -100,13 +102,13 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
     layers = [
         keras.Input(shape=(latent_dim,)),
         keras.layers.Dense(math.prod(start), activation=activation, dtype=dtype),
-        *_dropout(dropout, seed, 0),
+        *_dropout(dropout, seed, 0, dtype),
         keras.layers.Reshape(start, dtype=dtype),
     ]
     for i, f in enumerate(reversed(filters), start=1):
         layers.append(keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same",
                                                    activation=activation, dtype=dtype))
-        layers += _dropout(dropout, seed, i)
+        layers += _dropout(dropout, seed, i, dtype)
     # float32 output layer, as in mlp_decoder.
     layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32"))
     return keras.Sequential(layers, name="decoder_network")
@@ -151,7 +153,7 @@ class MADEDecoder(keras.layers.Layer):
         self.seed = seed
         # One Dropout per hidden layer, owned by this layer (its SeedGenerator with it).
         self.dropouts = [layer for i in range(len(self.hidden_units))
-                         for layer in _dropout(self.dropout, seed, i)]
+                         for layer in _dropout(self.dropout, seed, i, self.dtype_policy)]
         if not self.hidden_units:
             raise ValueError("MADEDecoder needs at least one hidden layer; got hidden_units=().")
         size = math.prod(self.data_shape)

@@ -1,12 +1,31 @@
-"""The reparameterized sampling layer: z = μ + σ ⊙ ε, ε ~ N(0, I)."""
+"""The layers that draw random numbers: the reparameterized sampling z = μ + σ ⊙ ε,
+ε ~ N(0, I), and dropout; both save their seed state with the model."""
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 
+class SavesSeedState:
+    """Saves the layer's ``seed_generator`` state with its weights. Keras saves a layer's
+    weights but not its SeedGenerator's state; without it a restored model would redraw the
+    random numbers it already used, and a resumed run would differ from the uninterrupted
+    one."""
+
+    def save_own_variables(self, store):
+        store["seed_generator_state"] = self.seed_generator.state.numpy()
+
+    def load_own_variables(self, store):
+        self.seed_generator.state.assign(store["seed_generator_state"])
+
+
 @keras.saving.register_keras_serializable(package="keras_vae")
-class Sampling(keras.layers.Layer):
+class Dropout(SavesSeedState, keras.layers.Dropout):
+    """``keras.layers.Dropout`` (rate > 0) whose seed state is saved with the model."""
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class Sampling(SavesSeedState, keras.layers.Layer):
     """Draws z = μ + exp(½ log σ²) ⊙ ε with ε ~ N(0, I).
 
     Called on ``(z_mean, z_log_var)`` of shape ``[batch, d]``. With ``num_samples=None``
@@ -49,15 +68,6 @@ class Sampling(keras.layers.Layer):
         start = [0] * len(shape)
         start[axis] = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
         return tf.slice(noise, start, shape)
-
-    # Keras saves a layer's weights but not its SeedGenerator's state; without it a
-    # restored model would redraw the noise it already used, and a resumed run would differ
-    # from the uninterrupted one.
-    def save_own_variables(self, store):
-        store["seed_generator_state"] = self.seed_generator.state.numpy()
-
-    def load_own_variables(self, store):
-        self.seed_generator.state.assign(store["seed_generator_state"])
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]

@@ -11,11 +11,9 @@ import tensorflow as tf
 from keras_vae import VAE
 from keras_vae.config import ConfigError, RunConfig
 from keras_vae.export import export_model
+from keras_vae.networks import AUTOREGRESSIVE
 
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
-
-
-AUTOREGRESSIVE = ["made", "pixelcnn_made"]
 
 
 def random_made(architecture="made", **kwargs):
@@ -197,7 +195,7 @@ def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
 @pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
 def test_mixed_precision_trains_with_float32_logits(architecture, rng):
     model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(8,),
-                filters=(4, 4), dtype="mixed_float16", seed=0)
+                filters=(4, 4), dropout=0.3, dtype="mixed_float16", seed=0)
     model.compile(optimizer="adam")
     history = model.fit(binary(rng, 64), batch_size=32, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
@@ -233,6 +231,8 @@ def test_made_needs_binary_data_and_a_hidden_layer():
     with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli' for architecture "
                                           "'pixelcnn_made'"):
         RunConfig(architecture="pixelcnn_made", likelihood="gaussian").validate()
+    with pytest.raises(ConfigError, match="'filters' must be equal widths"):
+        RunConfig(architecture="pixelcnn_made", filters=(32, 64)).validate()
 
 
 def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():

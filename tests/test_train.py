@@ -84,7 +84,8 @@ class KillInEpoch(keras.callbacks.Callback):
 
 
 def test_resume_after_a_kill_continues_at_the_right_epoch_with_the_same_results(tmp_path):
-    config = RunConfig(epochs=4, hidden_units=(32,), latent_dim=4, batch_size=128,
+    # With dropout: its masks, like the sampling noise, continue where they stopped.
+    config = RunConfig(epochs=4, hidden_units=(32,), latent_dim=4, batch_size=128, dropout=0.2,
                        runs_dir=str(tmp_path), export_dir=str(tmp_path / "sm"), plots=False)
     whole = train(config, run_dir=tmp_path / "whole", verbose=0)
     with pytest.raises(Interrupt):
