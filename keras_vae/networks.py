@@ -218,12 +218,13 @@ class MADEDecoder(keras.layers.Layer):
                 "activation": self.activation_name, "dropout": self.dropout, "seed": self.seed}
 
 
-def pixelcnn_mask(size, channels_in, channels_out, include_center):
-    """The mask of a k×k convolution kernel whose output at pixel i reads pixels before i in
-    raster order (rows above, and the same row to the left), and pixel i itself only if
-    ``include_center``: 1 for the allowed taps, 0 for the others."""
-    mask = np.zeros((size, size, channels_in, channels_out), "float32")
-    center = size // 2
+def pixelcnn_mask(shape, include_center):
+    """The mask of a k×k convolution kernel of ``shape`` (k, k, in, out) whose output at
+    pixel i reads pixels before i in raster order (rows above, and the same row to the
+    left), and pixel i itself only if ``include_center``: 1 for the allowed taps, 0 for the
+    others."""
+    mask = np.zeros(shape, "float32")
+    center = shape[0] // 2
     mask[:center] = 1.0
     mask[center, :center + int(include_center)] = 1.0
     return mask
@@ -241,9 +242,8 @@ class PixelCNNMADEDecoder(MADEDecoder):
     type A), B_l 3×3 kernels that also read pixel d's own features (type B), which depend
     on x_<d only; so g_L(x)_d and ℓ_d read x_<d only and p_θ(x|z) stays normalized. The
     convolutions see the neighbourhood of each pixel; the MADE carries z and the dependence
-    on pixels far away. g_L does not depend on z: it is computed once per example and shared
-    by all of its K samples of z, so an importance-sampled evaluation costs what the MADE's
-    does. ``filters`` are the widths of g_0..g_L (equal, for the residual sum); w_o starts
+    on pixels far away. g_L does not depend on z: it is computed once per example for all
+    the samples of z in one call, not once per sample. ``filters`` are the widths of g_0..g_L (equal, for the residual sum); w_o starts
     at zero, so the model begins as the MADE alone.
     """
 
@@ -264,7 +264,7 @@ class PixelCNNMADEDecoder(MADEDecoder):
     def build(self, z_shape=None, x_shape=None):
         super().build()
         width = self.filters[0]
-        self.conv_kernels, self.conv_biases, self._conv_masks = [], [], []
+        self.conv_kernels, self.conv_biases = [], []
         for i in range(len(self.filters)):
             size, channels_in = (7, 1) if i == 0 else (3, width)
             self.conv_kernels.append(self.add_weight(
@@ -272,15 +272,13 @@ class PixelCNNMADEDecoder(MADEDecoder):
                 name=f"conv_kernel_{i}"))
             self.conv_biases.append(self.add_weight((width,), initializer="zeros",
                                                     name=f"conv_bias_{i}"))
-            self._conv_masks.append(pixelcnn_mask(size, channels_in, width,
-                                                  include_center=i > 0))
         self.pixel_head = self.add_weight((width, 1), initializer="zeros", name="pixel_head")
 
     def call(self, z, x, training=False):
         logits = super().call(z, x, training)
         features = ops.cast(ops.reshape(x, (-1,) + self.data_shape), self.compute_dtype)
-        for i, (kernel, bias, mask) in enumerate(
-                zip(self.conv_kernels, self.conv_biases, self._conv_masks)):
+        for i, (kernel, bias) in enumerate(zip(self.conv_kernels, self.conv_biases)):
+            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)
             update = ops.relu(ops.conv(features, kernel * ops.cast(mask, kernel.dtype),
                                        padding="same") + bias)
             features = update if i == 0 else features + update
