@@ -59,7 +59,7 @@ class RunConfig:
     seed: int = 0
     # speed and scale
     strategy: str = "default"  # mirrored: GPUs of one host; multi_worker: hosts (TF_CONFIG)
-    precision: str = "float32"  # mixed_float16 / mixed_bfloat16 for GPUs
+    precision: str = "float32"  # mixed_float16 (GPUs) / mixed_bfloat16 (GPUs, AVX512_BF16 CPUs)
     jit_compile: bool = False  # XLA for the train step
     steps_per_execution: int = 1
     # outputs

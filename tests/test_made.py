@@ -192,10 +192,11 @@ def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
     np.testing.assert_array_equal(loaded.sample(4, seed=5), made.sample(4, seed=5))
 
 
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
-def test_mixed_precision_trains_with_float32_logits(architecture, rng):
+def test_mixed_precision_trains_with_float32_logits(architecture, precision, rng):
     model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(8,),
-                filters=(4, 4), dropout=0.3, dtype="mixed_float16", seed=0)
+                filters=(4, 4), dropout=0.3, dtype=precision, seed=0)
     model.compile(optimizer="adam")
     history = model.fit(binary(rng, 64), batch_size=32, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
