@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from keras_vae import files
 from keras_vae.config import ConfigError, RunConfig, load_config_file
 
 
@@ -46,28 +47,17 @@ def _add_config_flags(parser):
                             metavar=f.name.upper(), help=f"(default: {f.default!r})")
 
 
-# What a resumed run may change: how long it trains and the learning rates of the epochs
-# it has not trained yet.
-RESUMABLE_KEYS = {"epochs", "lr_decay_epochs", "lr_decay_factor"}
-
-
 def _cmd_train(args):
-    from keras_vae.train import train
+    from keras_vae.train import saved_config, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
                  if getattr(args, f.name) is not None}
     if args.resume:
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; leave out "
+                              "--config")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
-        changed = [_flag(key) for key in sorted(set(overrides) - RESUMABLE_KEYS)]
-        if changed or args.config:
-            raise ConfigError(
-                f"--resume continues a run with its saved config; only "
-                f"{', '.join(_flag(key) for key in sorted(RESUMABLE_KEYS))} may change "
-                f"(got {', '.join(changed) or '--config'})")
-        base = RunConfig.load(run_dir / "config.json")
-        config = RunConfig.from_dict(overrides, base=base)
+        config = RunConfig.from_dict(overrides, base=saved_config(run_dir))
     else:
         run_dir = args.run_dir
         base = RunConfig.from_dict(load_config_file(args.config)) if args.config else None
@@ -114,7 +104,7 @@ def _cmd_evaluate(args):
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        files.write_text(args.output, text + "\n")
     if args.per_example:
         np.savez(args.per_example, elbo=scores["elbo"], elbo_se=scores["elbo_se"],
                  log_px=scores["log_px"], log_px_se=scores["log_px_se"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from keras_vae import files
 from keras_vae.likelihoods import LIKELIHOODS, SIGMA_MODES
 from keras_vae.model import KL_ESTIMATORS, OBJECTIVES
 from keras_vae.networks import ARCHITECTURES, AUTOREGRESSIVE
@@ -151,7 +152,7 @@ class RunConfig:
         return dataclasses.replace(base, **updates).validate()
 
     def save(self, path):
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        files.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path):

@@ -9,12 +9,13 @@ Sources (the ``data`` config key):
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+from keras_vae import files
 
 # The evaluation copy of binarized data is drawn once with this seed, the same for every run,
 # so that every model is scored on the same binary test set.
@@ -155,12 +156,10 @@ def fingerprint(x):
 
 def save_test_set(path, x, y=None):
     """Writes the evaluation copy x (and labels y) that a run is scored on, so later
-    evaluations use the very same binarization; written beside ``path`` and renamed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    evaluations use the very same binarization; written atomically."""
     arrays = {"x": np.asarray(x, "float32")} | ({} if y is None else {"y": np.asarray(y)})
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def load_test_set(path):

@@ -103,8 +103,9 @@ def mean_and_se(values):
 
 
 def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0):
-    """The evaluation report (nats per example; bits/dim = −log p / (D ln 2)) and the
-    per-example arrays."""
+    """The evaluation report (nats per example; bits/dim = −log p / (D ln 2) for the
+    Bernoulli likelihood, whose p is a probability; a density's would depend on the data's
+    scale: None) and the per-example arrays."""
     started = time.perf_counter()
     scores = importance_weighted(model, x, num_samples, batch_size, chunk_size, seed)
     seconds = time.perf_counter() - started
@@ -118,7 +119,8 @@ def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0)
         "log_px": log_px,
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},
-        "bits_per_dim": -log_px["mean"] / (dims * math.log(2)),
+        "bits_per_dim": (-log_px["mean"] / (dims * math.log(2))
+                         if model.likelihood_name == "bernoulli" else None),
         "seconds": seconds,
     }
     return report, scores

@@ -67,17 +67,22 @@ def samples(images, path, columns=8):
 
 
 def latent_scatter(z_mean, labels, path):
-    """Test means μ_φ(x) in 2-D (first two principal components when d > 2)."""
+    """Test means μ_φ(x) in 2-D (first two principal components when d > 2; for d = 1,
+    μ against the example's index)."""
     from sklearn.decomposition import PCA
 
-    points = z_mean if z_mean.shape[1] == 2 else PCA(2).fit_transform(z_mean)
-    axis = "z" if z_mean.shape[1] == 2 else "PC"
+    dims = z_mean.shape[1]
+    if dims == 1:
+        points, names = np.column_stack([np.arange(len(z_mean)), z_mean[:, 0]]), ("example", "z")
+    else:
+        points = z_mean if dims == 2 else PCA(2).fit_transform(z_mean)
+        names = ("z 1", "z 2") if dims == 2 else ("PC 1", "PC 2")
     fig, ax = plt.subplots(figsize=(6, 5))
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6)
     if labels is not None:
         fig.colorbar(scatter, ax=ax, label="label")
-    ax.set_xlabel(f"{axis} 1")
-    ax.set_ylabel(f"{axis} 2")
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
     ax.set_title("posterior means of the test set")
     _save(fig, path)
 

@@ -7,7 +7,6 @@ A run directory holds ``config.json``, ``history.csv``, ``checkpoints/{last,best
 
 import csv
 import json
-import os
 import tempfile
 import time
 import zipfile
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae import data as datasets
-from keras_vae import plots
+from keras_vae import files, plots
 from keras_vae.config import ConfigError, RunConfig
 from keras_vae.evaluate import evaluate
 from keras_vae.export import export_model
@@ -39,6 +38,9 @@ class RunResult:
 
 
 STATE_ENTRY = "keras_vae_state.json"
+# What a resumed run may change: how long it trains and the learning rates of the epochs
+# it has not trained yet.
+RESUMABLE_KEYS = ("epochs", "lr_decay_epochs", "lr_decay_factor")
 # The run's evaluation copy of the test set (see data.save_test_set).
 TEST_SET_FILE = "test_set.npz"
 
@@ -47,27 +49,25 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the whole model (weights, optimizer, sampler state) as ``last.keras`` after
     every epoch and as ``best.keras`` when the validation ELBO improves.
 
-    Unlike ``keras.callbacks.ModelCheckpoint``, each file is written beside its target,
-    synced and renamed, so a run killed while saving never leaves a corrupt checkpoint; an
+    Unlike ``keras.callbacks.ModelCheckpoint``, each file is written atomically
+    (``files.atomic_path``), so a run killed while saving never leaves a corrupt checkpoint; an
     epoch whose logs hold NaN or inf is not saved at all. Each file also carries the number
-    of completed epochs and the best validation ELBO so far (``checkpoint_state``), which a
-    resumed run starts from.
+    of completed epochs, the best validation ELBO so far and the epoch count it was reached
+    at (``checkpoint_state``), which a resumed run starts from.
     """
 
-    def __init__(self, folder, best=-np.inf):
+    def __init__(self, folder, best=-np.inf, best_epoch=0):
         super().__init__()
         self.folder = Path(folder)
-        self.best = best
+        self.best, self.best_epoch = best, best_epoch
 
     def _save(self, name, epochs_completed):
-        tmp = self.folder / f".{name}.tmp.keras"
-        self.model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(STATE_ENTRY, json.dumps(
-                {"epochs_completed": epochs_completed, "best_val_elbo": self.best}))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
+        with files.atomic_path(self.folder / name) as tmp:
+            self.model.save(tmp)
+            with zipfile.ZipFile(tmp, "a") as archive:
+                archive.writestr(STATE_ENTRY, json.dumps(
+                    {"epochs_completed": epochs_completed, "best_val_elbo": self.best,
+                     "best_epoch": self.best_epoch}))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -75,15 +75,42 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             return
         value = logs.get("val_elbo")
         if value is not None and value > self.best:
-            self.best = value
+            self.best, self.best_epoch = value, epoch + 1
             self._save("best.keras", epoch + 1)
         self._save("last.keras", epoch + 1)
 
 
 def checkpoint_state(path):
-    """``{"epochs_completed", "best_val_elbo"}`` stored in a checkpoint by AtomicCheckpoint."""
+    """``{"epochs_completed", "best_val_elbo", "best_epoch"}`` stored in a checkpoint by
+    AtomicCheckpoint (``best_epoch``: epochs completed when ``best_val_elbo`` was reached)."""
     with zipfile.ZipFile(path) as archive:
-        return json.loads(archive.read(STATE_ENTRY))
+        state = json.loads(archive.read(STATE_ENTRY))
+    # Checkpoints written before best_epoch was stored: count from the resume.
+    state.setdefault("best_epoch", state["epochs_completed"])
+    return state
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Stops when the validation ELBO has not improved for ``patience`` epochs, counting
+    from a checkpoint's best value and its epochs since then, so that a resumed run stops
+    where the uninterrupted one would (``EarlyStopping`` itself starts every ``fit`` afresh).
+    """
+
+    def __init__(self, patience, best=-np.inf, wait=0):
+        super().__init__(monitor="val_elbo", mode="max", patience=patience)
+        self.resumed_from = (best, wait)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.best, self.wait = self.resumed_from
+
+
+def saved_config(run_dir):
+    """The config a run in ``run_dir`` was trained with, to resume it."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
+    return RunConfig.load(path)
 
 
 def resolve_binarize(config):
@@ -159,9 +186,17 @@ def new_run_dir(config):
     return run_dir
 
 
-def _check_trained_schedule(saved, config, epochs_done):
-    """Refuses a learning-rate schedule that would rewrite epochs already trained, so that
-    the run's config.json keeps describing exactly how it was trained."""
+def _check_resumed_config(saved, config, epochs_done):
+    """Refuses a config that differs from the run's saved one outside ``RESUMABLE_KEYS``, or
+    a learning-rate schedule that would rewrite epochs already trained, so that the run's
+    config.json keeps describing exactly how it was trained."""
+    saved_values, values = saved.to_dict(), config.to_dict()
+    changed = [f"{key}: {saved_values[key]!r} -> {values[key]!r}" for key in values
+               if key not in RESUMABLE_KEYS and values[key] != saved_values[key]]
+    if changed:
+        raise ConfigError(
+            f"a resumed run keeps its saved config; only {', '.join(RESUMABLE_KEYS)} may "
+            f"change (got {'; '.join(changed)})")
     for epoch in range(epochs_done):
         before, after = saved.learning_rate_at(epoch), config.learning_rate_at(epoch)
         if before != after:
@@ -191,7 +226,7 @@ def _prepare_history(path, epochs, config, validation):
         lr = np.float32(config.learning_rate_at(int(row["epoch"])))
         row.setdefault("learning_rate", repr(float(lr)))
         row.setdefault("val_learning_rate", "NA")
-    with open(path, "w", newline="") as f:
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -236,8 +271,11 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     _check_steps_per_execution(config.steps_per_execution, steps)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     last = run_dir / "checkpoints" / "last.keras"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
+    if resume:
+        saved = saved_config(run_dir)
+        if not last.is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
+        _check_resumed_config(saved, config, checkpoint_state(last)["epochs_completed"])
     if not resume and (run_dir / "config.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
     chief = is_chief(strategy)
@@ -253,14 +291,16 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             state = checkpoint_state(last)
         else:
             model = build_model(config, data.shape, steps)
-            state = {"epochs_completed": 0, "best_val_elbo": -np.inf}
+            state = {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0}
     # One check of the whole data set, before anything trains: the per-batch checks in the
     # model are dropped when the step is XLA-compiled.
     model.check_data(data.x_train)
     model.check_data(data.x_test)
     initial_epoch = state["epochs_completed"]
-    if resume:
-        _check_trained_schedule(RunConfig.load(run_dir / "config.json"), config, initial_epoch)
+    # Epochs since the best validation ELBO: as many as the patience, and the run had
+    # stopped early; a resumed run then trains no further.
+    wait = initial_epoch - state["best_epoch"]
+    patience = config.early_stopping_patience
     config.save(run_dir / "config.json")
     _prepare_history(run_dir / "history.csv", initial_epoch, config, validation=len(x_val) > 0)
 
@@ -271,21 +311,21 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     if len(x_val):
         validation = datasets.evaluation_dataset(evaluation_copy(config, x_val),
                                                  config.batch_size)
-    if initial_epoch < config.epochs:
+    if initial_epoch < config.epochs and not (patience and wait >= patience):
         train_ds = datasets.training_dataset(
             x_train, config.batch_size, config.seed, binarize, initial_epoch, config.epochs)
         all_callbacks = [
             # First, so that the other callbacks log the epoch's learning rate.
             keras.callbacks.LearningRateScheduler(lambda epoch: config.learning_rate_at(epoch)),
-            AtomicCheckpoint(checkpoints, best=state["best_val_elbo"]),
+            AtomicCheckpoint(checkpoints, state["best_val_elbo"], state["best_epoch"]),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
             # Raise rather than stop: a diverged model must not be evaluated or exported.
             keras.callbacks.TerminateOnNaN(raise_error=True),
         ]
-        if config.early_stopping_patience:
-            all_callbacks.append(keras.callbacks.EarlyStopping(
-                monitor="val_elbo", mode="max", patience=config.early_stopping_patience))
+        if patience:
+            all_callbacks.append(
+                ResumedEarlyStopping(patience, state["best_val_elbo"], wait))
         model.fit(
             train_ds, epochs=config.epochs, initial_epoch=initial_epoch,
             steps_per_epoch=steps, shuffle=False,  # the stream is shuffled per epoch
@@ -302,13 +342,13 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
                "checkpoint": "best.keras" if best.is_file() else "last.keras",
                "test": report}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    files.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if config.plots:
         write_plots(model, run_dir / "plots", read_history(run_dir / "history.csv"), x_test,
                     data.y_test, config.seed)
     export_path = export_model(model, config.export_dir, config.export_name)
-    (run_dir / "export.json").write_text(
-        json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")
+    files.write_text(run_dir / "export.json",
+                     json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")
     return RunResult(model, run_dir, metrics, export_path)
 
 

@@ -105,9 +105,14 @@ def test_each_epoch_is_a_permutation_and_binarization_is_fresh():
     assert abs(means.mean() - x.mean()) < 0.01
 
 
-def test_binarize_once_is_fixed():
-    x = np.full((5, 3), 0.5, "float32")
-    np.testing.assert_array_equal(data.binarize_once(x), data.binarize_once(x))
+def test_binarize_once_draws_bernoulli_x_with_a_fixed_seed():
+    x = np.tile(np.array([0.1, 0.5, 0.9], "float32"), (4000, 1))
+    once = data.binarize_once(x)
+    np.testing.assert_array_equal(once, data.binarize_once(x))
+    assert not np.array_equal(once, data.binarize_once(x, seed=1))
+    assert set(np.unique(once)) == {0.0, 1.0}
+    # P(x_bin = 1) = x: column means within 3 standard errors (√(0.25 / 4000) ≈ 0.008).
+    np.testing.assert_allclose(once.mean(0), [0.1, 0.5, 0.9], atol=0.025)
 
 
 def test_integer_data_already_binary_is_kept():

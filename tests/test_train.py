@@ -1,6 +1,7 @@
 """Training runs as a user starts them: the CLI, run directories, resume, configs."""
 
 import csv
+import dataclasses
 import json
 
 import keras
@@ -223,11 +224,43 @@ def test_bad_data_is_refused_before_training_even_with_xla(tmp_path, capsys):
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
-    (tmp_path / "run").mkdir()
-    RunConfig().save(tmp_path / "run" / "config.json")
+    config = RunConfig(epochs=1, hidden_units=(16,), latent_dim=2, batch_size=256,
+                       plots=False, export_dir=str(tmp_path / "sm"))
+    train(config, run_dir=tmp_path / "run", verbose=0)
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
-    assert "only --epochs, --lr-decay-epochs, --lr-decay-factor may change " \
-        "(got --latent-dim)" in capsys.readouterr().err
+    assert "only epochs, lr_decay_epochs, lr_decay_factor may change (got latent_dim: 2 -> 4)" \
+        in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "run"), "--config", "c.yaml"]) == 2
+    assert "leave out --config" in capsys.readouterr().err
+    # The library's train() checks the same: the data order depends on the batch size.
+    with pytest.raises(ConfigError, match=r"got batch_size: 256 -> 128\)"):
+        train(dataclasses.replace(config, batch_size=128), tmp_path / "run", resume=True)
+    assert RunConfig.load(tmp_path / "run" / "config.json") == config
+
+
+def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
+    config = RunConfig(epochs=40, hidden_units=(16,), latent_dim=2, batch_size=128,
+                       learning_rate=0.03, early_stopping_patience=2, plots=False,
+                       export_dir=str(tmp_path / "sm"))
+    whole = train(config, run_dir=tmp_path / "whole", verbose=0)
+    stopped = whole.metrics["epochs_completed"]
+    state = checkpoint_state(tmp_path / "whole" / "checkpoints" / "last.keras")
+    assert stopped < config.epochs and stopped - state["best_epoch"] == 2
+    # Killed in its last epoch: the epoch before it did not improve either.
+    with pytest.raises(Interrupt):
+        train(config, run_dir=tmp_path / "killed", callbacks=[KillInEpoch(stopped - 1, 3)],
+              verbose=0)
+    assert train(config, tmp_path / "killed", resume=True, verbose=0).metrics[
+        "epochs_completed"] == stopped
+    want = keras.saving.load_model(tmp_path / "whole" / "checkpoints" / "last.keras")
+    got = keras.saving.load_model(tmp_path / "killed" / "checkpoints" / "last.keras")
+    for a, b in zip(want.weights, got.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    # A run that stopped early trains no further when resumed.
+    assert train(config, tmp_path / "whole", resume=True, verbose=0).metrics[
+        "epochs_completed"] == stopped
+    last = keras.saving.load_model(tmp_path / "whole" / "checkpoints" / "last.keras")
+    assert int(last.optimizer.iterations.numpy()) == int(want.optimizer.iterations.numpy())
 
 
 def _learning_rates(run_dir):
@@ -287,3 +320,12 @@ def test_shipped_configs_are_valid():
     for path in configs:
         config = RunConfig.from_dict(load_config_file(path))
         assert config.data.startswith("npz:"), path
+
+
+@pytest.mark.parametrize("dims", [1, 2, 5])
+def test_latent_scatter_draws_any_number_of_latent_units(dims, tmp_path):
+    from keras_vae import plots
+
+    z_mean = np.random.default_rng(0).normal(size=(50, dims))
+    plots.latent_scatter(z_mean, np.arange(50) % 10, tmp_path / "latent.png")
+    assert (tmp_path / "latent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,29 @@
+"""Files that a crash mid-write never leaves half written: each is written beside its
+target, synced and renamed over it (``os.replace`` is atomic), so the old file stays whole
+until the new one is."""
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside ``path`` with the same suffix (``.keras``, ``.npz``:
+    writers that check it accept it); when the block ends without error, what was written
+    there is synced and renamed to ``path``, else it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    """``Path(path).write_text(text)``, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
