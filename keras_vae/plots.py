@@ -78,7 +78,8 @@ def latent_scatter(z_mean, labels, path):
         points = z_mean if dims == 2 else PCA(2).fit_transform(z_mean)
         names = ("z 1", "z 2") if dims == 2 else ("PC 1", "PC 2")
     fig, ax = plt.subplots(figsize=(6, 5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6)
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels,
+                         cmap=None if labels is None else "tab10", s=6)
     if labels is not None:
         fig.colorbar(scatter, ax=ax, label="label")
     ax.set_xlabel(names[0])
