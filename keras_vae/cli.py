@@ -106,8 +106,9 @@ def _cmd_evaluate(args):
     if args.output:
         files.write_text(args.output, text + "\n")
     if args.per_example:
-        np.savez(args.per_example, elbo=scores["elbo"], elbo_se=scores["elbo_se"],
-                 log_px=scores["log_px"], log_px_se=scores["log_px_se"])
+        with files.atomic_path(args.per_example) as tmp, open(tmp, "wb") as f:
+            np.savez(f, elbo=scores["elbo"], elbo_se=scores["elbo_se"],
+                     log_px=scores["log_px"], log_px_se=scores["log_px_se"])
 
 
 def _cmd_export(args):
