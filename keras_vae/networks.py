@@ -243,8 +243,9 @@ class PixelCNNMADEDecoder(MADEDecoder):
     on x_<d only; so g_L(x)_d and ℓ_d read x_<d only and p_θ(x|z) stays normalized. The
     convolutions see the neighbourhood of each pixel; the MADE carries z and the dependence
     on pixels far away. g_L does not depend on z: it is computed once per example for all
-    the samples of z in one call, not once per sample. ``filters`` are the widths of g_0..g_L (equal, for the residual sum); w_o starts
-    at zero, so the model begins as the MADE alone.
+    the samples of z in one call, not once per sample. ``filters`` are the widths of
+    g_0..g_L (equal, for the residual sum); w_o starts at zero, so the model begins as the
+    MADE alone.
     """
 
     def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",

@@ -275,9 +275,12 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         saved = saved_config(run_dir)
         if not last.is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
-        _check_resumed_config(saved, config, checkpoint_state(last)["epochs_completed"])
-    if not resume and (run_dir / "config.json").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+        state = checkpoint_state(last)
+        _check_resumed_config(saved, config, state["epochs_completed"])
+    else:
+        if (run_dir / "config.json").exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+        state = {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0}
     chief = is_chief(strategy)
     if not chief:
         # Every worker of a multi-worker run saves (saving reads mirrored variables), but
@@ -286,12 +289,8 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     with strategy.scope():
-        if resume:
-            model = keras.saving.load_model(last)
-            state = checkpoint_state(last)
-        else:
-            model = build_model(config, data.shape, steps)
-            state = {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0}
+        model = (keras.saving.load_model(last) if resume
+                 else build_model(config, data.shape, steps))
     # One check of the whole data set, before anything trains: the per-batch checks in the
     # model are dropped when the step is XLA-compiled.
     model.check_data(data.x_train)
