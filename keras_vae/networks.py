@@ -279,9 +279,14 @@ class PixelCNNMADEDecoder(MADEDecoder):
         logits = super().call(z, x, training)
         features = ops.cast(ops.reshape(x, (-1,) + self.data_shape), self.compute_dtype)
         for i, (kernel, bias) in enumerate(zip(self.conv_kernels, self.conv_biases)):
-            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)
-            update = ops.relu(ops.conv(features, kernel * ops.cast(mask, kernel.dtype),
-                                       padding="same") + bias)
+            # The rows of a k×k kernel below its centre are all masked: convolving with
+            # its top c + 1 rows over x padded by c above (c = k // 2) and none below
+            # gives the same "same"-padded result for (c + 1)/k of the multiplies.
+            c = kernel.shape[0] // 2
+            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[:c + 1]
+            padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
+            update = ops.relu(ops.conv(padded, kernel[:c + 1] * ops.cast(mask, kernel.dtype),
+                                       padding="valid") + bias)
             features = update if i == 0 else features + update
         pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
         # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
