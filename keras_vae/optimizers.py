@@ -12,19 +12,25 @@ class FusedAdam(keras.optimizers.Adam):
 
     Same update as Keras's Adam, at step t with gradient g and learning rate η:
     m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²,  θ ← θ − α m / (√v + ε),
-    α = η √(1 − β₂ᵗ) / (1 − β₁ᵗ). On a 2-core CPU the step of a small VAE is bound by how
-    many ops TensorFlow dispatches, not by FLOPs, so fewer ops is faster
-    (benchmarks/train_throughput.py). AMSGrad and sparse gradients use Keras's update.
+    α = η √(1 − β₂ᵗ) / (1 − β₁ᵗ); with ``amsgrad``, v̂ ← max(v̂, v) divides instead of v
+    (``ResourceApplyAdamWithAmsgrad``). On a 2-core CPU the step of a small VAE is bound by
+    how many ops TensorFlow dispatches, not by FLOPs, so fewer ops is faster
+    (benchmarks/train_throughput.py). Sparse gradients use Keras's update.
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+        if isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
         step = ops.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
         index = self._get_variable_index(variable)
-        tf.raw_ops.ResourceApplyAdam(
+        apply, extra = tf.raw_ops.ResourceApplyAdam, {}
+        if self.amsgrad:
+            apply = tf.raw_ops.ResourceApplyAdamWithAmsgrad
+            extra = {"vhat": self._velocity_hats[index].handle}
+        apply(
+            **extra,
             var=variable.handle,
             m=self._momentums[index].handle,
             v=self._velocities[index].handle,
