@@ -61,10 +61,10 @@ def _free_port():
 
 def test_multi_worker_trains_with_two_processes(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
-    args = ["-m", "keras_vae.cli", "train", "--strategy", "multi_worker", "--epochs", "2",
-            "--hidden-units", "32", "--latent-dim", "2", "--batch-size", "128", "--quiet",
-            "--plots", "false", "--run-dir", str(tmp_path / "run"),
-            "--export-dir", str(tmp_path / "sm")]
+    common = ["train", "--epochs", "2", "--hidden-units", "32", "--latent-dim", "2",
+              "--batch-size", "128", "--quiet", "--plots", "false"]
+    args = ["-m", "keras_vae.cli", *common, "--strategy", "multi_worker",
+            "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "sm")]
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps(
@@ -78,11 +78,23 @@ def test_multi_worker_trains_with_two_processes(tmp_path):
             w.kill()
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     # The chief (worker 0) writes the run; both trained every epoch.
-    with open(tmp_path / "run" / "history.csv") as f:
-        rows = f.read().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("epoch,elbo")
+    multi_worker = _losses(tmp_path / "run")
+    assert len(multi_worker) == 2
     assert (tmp_path / "sm" / "vae" / "1" / "saved_model.pb").is_file()
     assert not (tmp_path / "sm" / "vae" / "2").exists()  # only the chief exported
+    # Each global batch of 128 was split between the workers and the loss averaged over
+    # all 128: the same training as one process with the same seed and batch.
+    assert main([*common, "--run-dir", str(tmp_path / "one"),
+                 "--export-dir", str(tmp_path / "sm_one")]) == 0
+    np.testing.assert_allclose(multi_worker, _losses(tmp_path / "one"), rtol=1e-4)
+
+
+def _losses(run_dir):
+    with open(run_dir / "history.csv") as f:
+        rows = f.read().splitlines()
+    assert rows[0].startswith("epoch,elbo")
+    header = rows[0].split(",")
+    return [float(row.split(",")[header.index("loss")]) for row in rows[1:]]
 
 
 def test_mixed_precision_trains_and_exports_float32(tmp_path):
