@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae.cli import main
+from keras_vae.train import read_history
 
 MIRRORED = textwrap.dedent("""
     import json, sys
@@ -78,23 +79,16 @@ def test_multi_worker_trains_with_two_processes(tmp_path):
             w.kill()
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     # The chief (worker 0) writes the run; both trained every epoch.
-    multi_worker = _losses(tmp_path / "run")
-    assert len(multi_worker) == 2
+    history = read_history(tmp_path / "run" / "history.csv")
+    assert "elbo" in history and len(history["loss"]) == 2
     assert (tmp_path / "sm" / "vae" / "1" / "saved_model.pb").is_file()
     assert not (tmp_path / "sm" / "vae" / "2").exists()  # only the chief exported
     # Each global batch of 128 was split between the workers and the loss averaged over
     # all 128: the same training as one process with the same seed and batch.
     assert main([*common, "--run-dir", str(tmp_path / "one"),
                  "--export-dir", str(tmp_path / "sm_one")]) == 0
-    np.testing.assert_allclose(multi_worker, _losses(tmp_path / "one"), rtol=1e-4)
-
-
-def _losses(run_dir):
-    with open(run_dir / "history.csv") as f:
-        rows = f.read().splitlines()
-    assert rows[0].startswith("epoch,elbo")
-    header = rows[0].split(",")
-    return [float(row.split(",")[header.index("loss")]) for row in rows[1:]]
+    one = read_history(tmp_path / "one" / "history.csv")
+    np.testing.assert_allclose(history["loss"], one["loss"], rtol=1e-4)
 
 
 def test_mixed_precision_trains_and_exports_float32(tmp_path):
