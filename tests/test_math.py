@@ -72,6 +72,31 @@ def test_bernoulli_is_stable_for_saturated_logits():
     np.testing.assert_allclose(nll.numpy(), [160.0], rtol=1e-6)  # finite, = |ℓ| each
 
 
+def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
+    # log p is computed as x·ℓ − softplus(ℓ): its gradient must be x − sigmoid(ℓ) and agree
+    # with TFP's own Bernoulli; mean and sampling stay TFP's.
+    likelihood = get_likelihood("bernoulli")
+    likelihood.build((6,))
+    logits = tf.constant(rng.normal(scale=4.0, size=(3, 6)).astype("float32"))
+    x = np.round(rng.uniform(size=(3, 6))).astype("float32")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        ours = likelihood.distribution(logits).log_prob(x)
+        theirs = tfp.distributions.Independent(
+            tfp.distributions.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(ours, logits).numpy(),
+                               x - expit(logits.numpy()), atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(ours, logits).numpy(),
+                               tape.gradient(theirs, logits).numpy(), atol=1e-6)
+    dist = likelihood.distribution(logits)
+    np.testing.assert_allclose(dist.mean().numpy(), expit(logits.numpy()), rtol=1e-6)
+    draws = dist.sample(2000, seed=(1, 2)).numpy()
+    assert set(np.unique(draws)) <= {0.0, 1.0}
+    # 2000 draws: the standard error of each frequency is ≤ 0.011.
+    np.testing.assert_allclose(draws.mean(axis=0), expit(logits.numpy()), atol=0.05)
+
+
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
 def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     shape = (3, 2)
