@@ -10,7 +10,7 @@ import yaml
 
 from keras_vae import files
 from keras_vae.likelihoods import LIKELIHOODS, SIGMA_MODES
-from keras_vae.model import KL_ESTIMATORS, OBJECTIVES
+from keras_vae.model import GRADIENT_ESTIMATORS, KL_ESTIMATORS, OBJECTIVES
 from keras_vae.networks import ARCHITECTURES, AUTOREGRESSIVE
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
@@ -49,6 +49,7 @@ class RunConfig:
     kl: str = "analytic"
     objective: str = "elbo"
     num_samples: int = 1
+    gradient_estimator: str = "reparam"  # reparam | dreg (IWAE only: lower-variance encoder gradient)
     # optimization
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -90,6 +91,10 @@ class RunConfig:
             ("learn_sigma", self.learn_sigma in SIGMA_MODES, f"must be one of {SIGMA_MODES}"),
             ("kl", self.kl in KL_ESTIMATORS, f"must be one of {KL_ESTIMATORS}"),
             ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
+            ("gradient_estimator", self.gradient_estimator in GRADIENT_ESTIMATORS,
+             f"must be one of {GRADIENT_ESTIMATORS}"),
+            ("gradient_estimator", self.gradient_estimator != "dreg" or self.objective == "iwae",
+             "'dreg' estimates the IWAE bound's gradient: it needs objective 'iwae'"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
             ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),

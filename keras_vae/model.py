@@ -23,6 +23,7 @@ tfd = tfp.distributions
 
 KL_ESTIMATORS = ("analytic", "mc")
 OBJECTIVES = ("elbo", "iwae")
+GRADIENT_ESTIMATORS = ("reparam", "dreg")
 
 
 def _check_choice(name, value, choices):
@@ -51,6 +52,13 @@ class VAE(keras.Model):
         kl: ``"analytic"`` (closed form ½Σ(σ²+μ²−1−log σ²)) or ``"mc"`` (Monte Carlo).
         objective: ``"elbo"`` or ``"iwae"`` (the importance-weighted bound).
         num_samples: K, the samples of z per example in the training objective.
+        gradient_estimator: how the encoder's gradient of the IWAE bound is estimated:
+            ``"reparam"`` differentiates the bound through z = μ + σ ⊙ ε and through q's
+            parameters in log q_φ(z|x); ``"dreg"`` (objective ``"iwae"`` only) is the doubly
+            reparameterized estimator of Tucker et al. (2019), Σ_k w̃_k² ∂log w_k/∂z_k ·
+            ∂z_k/∂φ for β = 1, with the same expectation and lower variance, whose
+            signal-to-noise ratio does not fall as K grows. The decoder's gradient is the
+            same for both.
         seed: seed of the sampling noise.
         check_inputs: assert that every batch is finite and in the likelihood's support.
             XLA drops assertions, so ``compile`` leaves XLA off unless ``jit_compile=True``
@@ -76,6 +84,7 @@ class VAE(keras.Model):
         kl="analytic",
         objective="elbo",
         num_samples=1,
+        gradient_estimator="reparam",
         seed=None,
         check_inputs=True,
         **kwargs,
@@ -83,6 +92,10 @@ class VAE(keras.Model):
         super().__init__(**kwargs)
         _check_choice("kl estimator", kl, KL_ESTIMATORS)
         _check_choice("objective", objective, OBJECTIVES)
+        _check_choice("gradient estimator", gradient_estimator, GRADIENT_ESTIMATORS)
+        if gradient_estimator == "dreg" and objective != "iwae":
+            raise ValueError("gradient_estimator='dreg' estimates the IWAE bound's gradient: "
+                             f"it needs objective='iwae', got {objective!r}.")
         if architecture in AUTOREGRESSIVE and likelihood != "bernoulli":
             raise ValueError(
                 f"architecture {architecture!r} models binary data: it needs likelihood='bernoulli', "
@@ -112,6 +125,7 @@ class VAE(keras.Model):
         self.kl = kl
         self.objective = objective
         self.num_samples = int(num_samples)
+        self.gradient_estimator = gradient_estimator
         self.seed = seed
         self.check_inputs = bool(check_inputs)
 
@@ -264,6 +278,13 @@ class VAE(keras.Model):
         ``epsilon`` ([K, batch or 1, d]) fixes the noise of z_k = μ + σ ⊙ ε_k. With
         ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None).
         """
+        return self._sample_log_weights(x, num_samples, training, seed, epsilon,
+                                        densities)[1:]
+
+    def _sample_log_weights(self, x, num_samples, training, seed=None, epsilon=None,
+                            densities=True, stop_posterior=False):
+        """``log_weights`` preceded by the samples z [K, batch, d]; with ``stop_posterior``,
+        log q(z_k|x) is differentiable in z_k only, not in q's parameters (μ, σ)."""
         x = self._checked(x)
         z_mean, z_log_var = self.encode_params(x, training=training)
         posterior = self.posterior(z_mean, z_log_var)
@@ -273,8 +294,11 @@ class VAE(keras.Model):
         log_px_z = self.decode(z, x, training=training).log_prob(x)
         kl = tfd.kl_divergence(posterior, prior)
         if not densities:
-            return log_px_z, None, None, kl
-        return log_px_z, prior.log_prob(z), posterior.log_prob(z), kl
+            return z, log_px_z, None, None, kl
+        if stop_posterior:
+            posterior = self.posterior(ops.stop_gradient(z_mean),
+                                       ops.stop_gradient(z_log_var))
+        return z, log_px_z, prior.log_prob(z), posterior.log_prob(z), kl
 
     def _kl_estimate(self, log_pz, log_qz, kl_analytic):
         if self.kl == "analytic":
@@ -285,9 +309,10 @@ class VAE(keras.Model):
         """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``,
         with the model's K samples, KL estimator, objective and β (default: current β)."""
         beta = self.current_beta() if beta is None else beta
-        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
-            x, self.num_samples, training=training, seed=seed,
-            densities=self.kl == "mc" or self.objective == "iwae")
+        dreg = training and self.gradient_estimator == "dreg"
+        z, log_px_z, log_pz, log_qz, kl_analytic = self._sample_log_weights(
+            x, self.num_samples, training, seed,
+            densities=self.kl == "mc" or self.objective == "iwae", stop_posterior=dreg)
         reconstruction_loss = -ops.mean(log_px_z, axis=0)
         kl_loss = self._kl_estimate(log_pz, log_qz, kl_analytic)
         if self.objective == "elbo":
@@ -295,12 +320,15 @@ class VAE(keras.Model):
         else:
             log_w = log_px_z + beta * (log_pz - log_qz)
             loss = -log_mean_exp(log_w)
-        return {
+        terms = {
             "loss": loss,
             "reconstruction_loss": reconstruction_loss,
             "kl_loss": kl_loss,
             "elbo": -reconstruction_loss - kl_loss,
         }
+        if dreg:  # what train_step needs to reweight the gradient that reaches z
+            terms.update(z=z, log_w=log_w, beta=beta)
+        return terms
 
     # ------------------------------------------------------------------ Keras hooks
     def call(self, x, training=False):
@@ -311,16 +339,53 @@ class VAE(keras.Model):
         return self.decode(z_mean, x, training=training).mean()
 
     def train_step(self, data):
-        x = _features(data)
-        with tf.GradientTape() as tape:
+        gradients, variables, terms = self.compute_gradients(_features(data))
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._update_metrics(terms)
+
+    def compute_gradients(self, x):
+        """(gradients, variables, terms) of the training loss, the mean over the global batch
+        of ``compute_terms(x)["loss"]``, scaled as the optimizer's loss scaling asks."""
+        dreg = self.gradient_estimator == "dreg"
+        with tf.GradientTape(persistent=dreg) as tape:
             terms = self.compute_terms(x, training=True)
             # Gradients are summed over replicas, so each replica divides its sum by the
             # global batch size: the result is the mean over the global batch, also when
             # the replicas' shares differ.
             loss = self.optimizer.scale_loss(ops.sum(terms["loss"]) / _global_batch_size(x))
-        gradients = tape.gradient(loss, self.trainable_weights)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        return self._update_metrics(terms)
+        if dreg:
+            variables = self._decoder_side_weights() + self._encoder_side_weights()
+            return self._dreg_gradients(tape, loss, terms), variables, terms
+        return tape.gradient(loss, self.trainable_weights), self.trainable_weights, terms
+
+    def _encoder_side_weights(self):
+        """φ: the weights of q_φ(z|x)."""
+        return (self.encoder_network.trainable_weights + self.z_mean_head.trainable_weights
+                + self.z_log_var_head.trainable_weights)
+
+    def _decoder_side_weights(self):
+        """θ: every other trainable weight (the decoder's and the likelihood's)."""
+        encoder = {id(v) for v in self._encoder_side_weights()}
+        return [v for v in self.trainable_weights if id(v) not in encoder]
+
+    def _dreg_gradients(self, tape, loss, terms):
+        """Gradients of ``loss`` (−IWAE bound) for θ, then φ by the DReG estimator.
+
+        With log q(z_k|x) stopped in q's parameters, φ reaches the loss only through
+        z_k = μ + σ ⊙ ε_k. One backward pass through the decoder gives θ's gradient and
+        g_k = ∂loss/∂z_k = −w̃_k ∂log w_k/∂z_k (w̃ = softmax_k log w). Replacing the score
+        term −β Σ_k w̃_k ∂log q/∂φ by its reparameterized form (Tucker et al., 2019, eq. 5)
+        gives −Σ_k w̃_k (1 − β + β w̃_k) ∂log w_k/∂z_k · ∂z_k/∂φ: g_k scaled by
+        1 − β + β w̃_k (w̃_k for β = 1), then taken back through the encoder alone.
+        """
+        decoder_side = self._decoder_side_weights()
+        *decoder_gradients, z_gradient = tape.gradient(loss, decoder_side + [terms["z"]])
+        w_normalized = ops.stop_gradient(ops.softmax(terms["log_w"], axis=0))
+        beta = ops.stop_gradient(terms["beta"])
+        z_gradient = z_gradient * ops.expand_dims(1.0 - beta + beta * w_normalized, -1)
+        encoder_gradients = tape.gradient(terms["z"], self._encoder_side_weights(),
+                                          output_gradients=z_gradient)
+        return decoder_gradients + encoder_gradients
 
     def test_step(self, data):
         return self._update_metrics(self.compute_terms(_features(data), training=False))
@@ -409,6 +474,7 @@ class VAE(keras.Model):
             "kl": self.kl,
             "objective": self.objective,
             "num_samples": self.num_samples,
+            "gradient_estimator": self.gradient_estimator,
             "seed": self.seed,
             "check_inputs": self.check_inputs,
         }

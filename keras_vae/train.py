@@ -144,6 +144,7 @@ def build_model(config, data_shape, steps_per_epoch):
         kl=config.kl,
         objective=config.objective,
         num_samples=config.num_samples,
+        gradient_estimator=config.gradient_estimator,
         seed=config.seed,
         dtype=config.precision,
     )

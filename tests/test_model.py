@@ -87,7 +87,8 @@ def test_beta_weights_the_kl_in_the_loss(digits):
 
 def test_config_round_trip():
     model = small_vae(architecture="conv", likelihood="gaussian", learn_sigma="per_pixel",
-                      dropout=0.2, beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3)
+                      dropout=0.2, beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3,
+                      gradient_estimator="dreg")
     config = model.get_config()
     json.dumps(config)  # plain JSON
     clone = VAE.from_config(config)
@@ -185,6 +186,8 @@ def test_data_outside_unit_interval_is_refused(digits, likelihood):
         ({"architecture": "resnet"}, "Unknown architecture 'resnet'"),
         ({"kl": "exact"}, "Unknown kl estimator"),
         ({"objective": "vimco"}, "Unknown objective"),
+        ({"gradient_estimator": "vimco"}, "Unknown gradient estimator"),
+        ({"gradient_estimator": "dreg"}, "needs objective='iwae'"),
         ({"likelihood": "gaussian", "learn_sigma": "per_channel"}, "Unknown learn_sigma"),
         ({"likelihood": "gaussian", "sigma": 0.0}, "sigma > 0"),
         ({"latent_dim": 0}, "must be positive"),
