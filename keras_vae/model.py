@@ -339,13 +339,14 @@ class VAE(keras.Model):
         return self.decode(z_mean, x, training=training).mean()
 
     def train_step(self, data):
-        gradients, variables, terms = self.compute_gradients(_features(data))
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        gradients, terms = self.compute_gradients(_features(data))
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         return self._update_metrics(terms)
 
     def compute_gradients(self, x):
-        """(gradients, variables, terms) of the training loss, the mean over the global batch
-        of ``compute_terms(x)["loss"]``, scaled as the optimizer's loss scaling asks."""
+        """(gradients, terms): the gradients, one per ``trainable_weights`` in that order, of
+        the training loss, the mean over the global batch of ``compute_terms(x)["loss"]``,
+        scaled as the optimizer's loss scaling asks."""
         dreg = self.gradient_estimator == "dreg"
         with tf.GradientTape(persistent=dreg) as tape:
             terms = self.compute_terms(x, training=True)
@@ -354,19 +355,14 @@ class VAE(keras.Model):
             # the replicas' shares differ.
             loss = self.optimizer.scale_loss(ops.sum(terms["loss"]) / _global_batch_size(x))
         if dreg:
-            variables = self._decoder_side_weights() + self._encoder_side_weights()
-            return self._dreg_gradients(tape, loss, terms), variables, terms
-        return tape.gradient(loss, self.trainable_weights), self.trainable_weights, terms
+            return self._dreg_gradients(tape, loss, terms), terms
+        return tape.gradient(loss, self.trainable_weights), terms
 
     def _encoder_side_weights(self):
-        """φ: the weights of q_φ(z|x)."""
+        """φ: the weights of q_φ(z|x); θ is every other trainable weight (the decoder's and
+        the likelihood's)."""
         return (self.encoder_network.trainable_weights + self.z_mean_head.trainable_weights
                 + self.z_log_var_head.trainable_weights)
-
-    def _decoder_side_weights(self):
-        """θ: every other trainable weight (the decoder's and the likelihood's)."""
-        encoder = {id(v) for v in self._encoder_side_weights()}
-        return [v for v in self.trainable_weights if id(v) not in encoder]
 
     def _dreg_gradients(self, tape, loss, terms):
         """Gradients of ``loss`` (−IWAE bound) for θ, then φ by the DReG estimator.
@@ -378,14 +374,18 @@ class VAE(keras.Model):
         gives −Σ_k w̃_k (1 − β + β w̃_k) ∂log w_k/∂z_k · ∂z_k/∂φ: g_k scaled by
         1 − β + β w̃_k (w̃_k for β = 1), then taken back through the encoder alone.
         """
-        decoder_side = self._decoder_side_weights()
+        encoder_side = self._encoder_side_weights()
+        encoder_ids = {id(v) for v in encoder_side}
+        decoder_side = [v for v in self.trainable_weights if id(v) not in encoder_ids]
         *decoder_gradients, z_gradient = tape.gradient(loss, decoder_side + [terms["z"]])
         w_normalized = ops.stop_gradient(ops.softmax(terms["log_w"], axis=0))
         beta = ops.stop_gradient(terms["beta"])
         z_gradient = z_gradient * ops.expand_dims(1.0 - beta + beta * w_normalized, -1)
-        encoder_gradients = tape.gradient(terms["z"], self._encoder_side_weights(),
-                                          output_gradients=z_gradient)
-        return decoder_gradients + encoder_gradients
+        encoder_gradients = tape.gradient(terms["z"], encoder_side, output_gradients=z_gradient)
+        # In trainable_weights' order, which the optimizer's slots (and checkpoints) follow.
+        by_id = {id(v): g for v, g in zip(decoder_side + encoder_side,
+                                          decoder_gradients + encoder_gradients)}
+        return [by_id[id(v)] for v in self.trainable_weights]
 
     def test_step(self, data):
         return self._update_metrics(self.compute_terms(_features(data), training=False))

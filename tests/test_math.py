@@ -232,15 +232,17 @@ def _gradient_draws(estimator, beta, x, weights, draws):
                 gradient_estimator=estimator)
     model.set_weights(weights)
     model.compile(optimizer="sgd")
-    decoder_ids = {id(v) for v in model._decoder_side_weights()}
+    encoder_ids = {id(v) for v in model._encoder_side_weights()}
     decoder, encoder = [], []
     for _ in range(draws):
-        gradients, variables, _ = model.compute_gradients(x)
-        by_id = {id(v): g.numpy().ravel() for g, v in zip(gradients, variables)}
-        decoder.append(np.concatenate([by_id[id(v)] for v in model.trainable_weights
-                                       if id(v) in decoder_ids]))
-        encoder.append(np.concatenate([by_id[id(v)] for v in model.trainable_weights
-                                       if id(v) not in decoder_ids]))
+        gradients, _ = model.compute_gradients(x)
+        # One gradient per trainable weight, in that order (the optimizer's slots follow it).
+        assert [g.shape for g in gradients] == [v.shape for v in model.trainable_weights]
+        pairs = list(zip(gradients, model.trainable_weights))
+        decoder.append(np.concatenate([g.numpy().ravel() for g, v in pairs
+                                       if id(v) not in encoder_ids]))
+        encoder.append(np.concatenate([g.numpy().ravel() for g, v in pairs
+                                       if id(v) in encoder_ids]))
     return np.array(decoder), np.array(encoder)
 
 
