@@ -1,5 +1,6 @@
 """The math of the model checked against closed forms and independent computations."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -247,12 +248,14 @@ def _gradient_draws(estimator, beta, x, weights, draws):
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.5])
-def test_dreg_gradient_has_the_iwae_gradients_expectation_and_less_variance(rng, beta):
+def test_dreg_gradient_has_the_iwae_gradients_expectation(rng, beta):
     # The same weights and noise (seed 0) for both estimators: the decoder's gradient must be
     # identical; the encoder's must agree in expectation (the score term replaced by its
     # reparameterized form, with weights w̃(1 − β + β w̃)), within 4 standard errors of
-    # the mean of 40 draws of 1000 examples each, and vary less (Tucker et al., 2019).
+    # the mean of 40 draws of 1000 examples each. (That DReG varies less is typical, not
+    # guaranteed: at 1 of 8 random initializations of this small model it varied more.)
     x = np.tile(np.round(rng.uniform(size=(1, 6))), (1000, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
     weights = VAE((6,), latent_dim=2, hidden_units=(8,), activation="tanh").get_weights()
     decoder_r, encoder_r = _gradient_draws("reparam", beta, x, weights, 40)
     decoder_d, encoder_d = _gradient_draws("dreg", beta, x, weights, 40)
@@ -261,4 +264,3 @@ def test_dreg_gradient_has_the_iwae_gradients_expectation_and_less_variance(rng,
     standard_error = np.sqrt((encoder_d.var(axis=0) + encoder_r.var(axis=0)) / len(encoder_d))
     assert np.all(np.abs(difference) <= 4 * standard_error + 1e-6), np.max(
         np.abs(difference) / standard_error)
-    assert encoder_d.var(axis=0).sum() < encoder_r.var(axis=0).sum()
