@@ -219,6 +219,7 @@ LEVERS = [
     ("keras_vae +XLA +steps_per_execution=16", None, ADAM, {**XLA, **SPE16}),
     ("keras_vae +FusedAdam", None, FusedAdam, {}),
     ("keras_vae +FusedAdam +steps_per_execution=16", None, FusedAdam, SPE16),
+    ("keras_vae +FusedAdam +XLA +steps_per_execution=16", None, FusedAdam, {**XLA, **SPE16}),
     ("keras_vae +FusedAdam +spe=16 +bf16", BF16, FusedAdam, SPE16),
 ]
 PLAIN, TORCH = "plain keras (example style)", "pytorch example"

@@ -183,8 +183,9 @@ class VAE(keras.Model):
         try:
             self.likelihood.check_support(ops.convert_to_tensor(x, "float32"))
         except tf.errors.InvalidArgumentError as error:
+            # The assertion's message, without TensorFlow's quoting of it ("b'...'").
             message = error.message[error.message.find("keras_vae:"):]
-            raise ValueError(message.split("\n")[0].split(" [Op:")[0]) from None
+            raise ValueError(message.split("\n")[0].split("'")[0].split(" [Op:")[0]) from None
 
     @property
     def metrics(self):
