@@ -9,6 +9,7 @@ from scipy.special import expit
 from scipy.stats import multivariate_normal
 
 from keras_vae import VAE, Sampling, get_likelihood
+from keras_vae.likelihoods import LogitBernoulli
 
 tfd = tfp.distributions
 
@@ -96,6 +97,10 @@ def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
     assert set(np.unique(draws)) <= {0.0, 1.0}
     # 2000 draws: the standard error of each frequency is ≤ 0.011.
     np.testing.assert_allclose(draws.mean(axis=0), expit(logits.numpy()), atol=0.05)
+    # Made from probabilities, it keeps TFP's formula: log p(x) = x log p + (1 − x) log(1 − p).
+    p = expit(logits.numpy())
+    from_probs = LogitBernoulli(probs=p, dtype=tf.float32).log_prob(x).numpy()
+    np.testing.assert_allclose(from_probs, x * np.log(p) + (1 - x) * np.log1p(-p), rtol=1e-5)
 
 
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
