@@ -56,9 +56,9 @@ class VAE(keras.Model):
             ``"reparam"`` differentiates the bound through z = μ + σ ⊙ ε and through q's
             parameters in log q_φ(z|x); ``"dreg"`` (objective ``"iwae"`` only) is the doubly
             reparameterized estimator of Tucker et al. (2019), Σ_k w̃_k² ∂log w_k/∂z_k ·
-            ∂z_k/∂φ for β = 1, with the same expectation and lower variance, whose
-            signal-to-noise ratio does not fall as K grows. The decoder's gradient is the
-            same for both.
+            ∂z_k/∂φ for β = 1, with the same expectation, typically lower variance, and a
+            signal-to-noise ratio that does not fall as K grows. The decoder's gradient is
+            the same for both.
         seed: seed of the sampling noise.
         check_inputs: assert that every batch is finite and in the likelihood's support.
             XLA drops assertions, so ``compile`` leaves XLA off unless ``jit_compile=True``
