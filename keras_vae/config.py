@@ -49,7 +49,7 @@ class RunConfig:
     kl: str = "analytic"
     objective: str = "elbo"
     num_samples: int = 1
-    gradient_estimator: str = "reparam"  # reparam | dreg (IWAE only: lower-variance encoder gradient)
+    gradient_estimator: str = "reparam"  # reparam | dreg (IWAE only; see VAE)
     # optimization
     optimizer: str = "adam"
     learning_rate: float = 1e-3

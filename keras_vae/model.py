@@ -308,7 +308,11 @@ class VAE(keras.Model):
 
     def compute_terms(self, x, training=False, beta=None, seed=None):
         """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``,
-        with the model's K samples, KL estimator, objective and β (default: current β)."""
+        with the model's K samples, KL estimator, objective and β (default: current β).
+
+        With ``gradient_estimator="dreg"`` and ``training``, log q_φ(z|x) in ``loss`` is
+        stopped in q's parameters: its value is the IWAE loss, but its gradient is DReG's
+        only as ``compute_gradients`` takes it."""
         beta = self.current_beta() if beta is None else beta
         dreg = training and self.gradient_estimator == "dreg"
         z, log_px_z, log_pz, log_qz, kl_analytic = self._sample_log_weights(
@@ -370,10 +374,11 @@ class VAE(keras.Model):
 
         With log q(z_k|x) stopped in q's parameters, φ reaches the loss only through
         z_k = μ + σ ⊙ ε_k. One backward pass through the decoder gives θ's gradient and
-        g_k = ∂loss/∂z_k = −w̃_k ∂log w_k/∂z_k (w̃ = softmax_k log w). Replacing the score
-        term −β Σ_k w̃_k ∂log q/∂φ by its reparameterized form (Tucker et al., 2019, eq. 5)
-        gives −Σ_k w̃_k (1 − β + β w̃_k) ∂log w_k/∂z_k · ∂z_k/∂φ: g_k scaled by
-        1 − β + β w̃_k (w̃_k for β = 1), then taken back through the encoder alone.
+        g_k = ∂loss/∂z_k = −w̃_k ∂log w_k/∂z_k (w̃ = softmax_k log w). The bound's gradient
+        Σ_k w̃_k (∂log w_k/∂z_k · ∂z_k/∂φ − β ∂log q/∂φ) has its score term replaced by its
+        reparameterized form (Tucker et al., 2019, eq. 5), which gives
+        Σ_k w̃_k (1 − β + β w̃_k) ∂log w_k/∂z_k · ∂z_k/∂φ; for the loss, its negative: g_k
+        scaled by 1 − β + β w̃_k (w̃_k for β = 1), then taken back through the encoder alone.
         """
         encoder_side = self._encoder_side_weights()
         encoder_ids = {id(v) for v in encoder_side}

@@ -168,6 +168,20 @@ def test_dreg_model_saves_and_resumes_with_its_optimizer_state(digits, tmp_path)
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
+@pytest.mark.parametrize("architecture", ["mlp", "conv", "made", "pixelcnn_made"])
+def test_dreg_splits_the_weights_at_z(digits, architecture):
+    # DReG takes φ's gradient back from z alone: every weight z depends on must be on the
+    # encoder side, and no other.
+    model = small_vae(architecture=architecture, filters=(4, 4), objective="iwae",
+                      num_samples=2, gradient_estimator="dreg")
+    encoder_ids = {id(v) for v in model._encoder_side_weights()}
+    with tf.GradientTape() as tape:
+        terms = model.compute_terms(digits[:8], training=True)
+    upstream = tape.gradient(terms["z"], model.trainable_weights)
+    for gradient, weight in zip(upstream, model.trainable_weights):
+        assert (gradient is not None) == (id(weight) in encoder_ids), weight.path
+
+
 # --------------------------------------------------------------------------- bad input
 def test_wrong_shape_is_refused_with_the_expected_shape(digits):
     model = small_vae()

@@ -134,6 +134,8 @@ def test_config_file_with_flag_overrides(tmp_path):
         ({"dropout": 1.0}, "'dropout' must be in \\[0, 1\\)"),
         ({"strategy": "mirrored", "steps_per_execution": 16},
          "'steps_per_execution' must be 1 with strategy 'mirrored'"),
+        ({"gradient_estimator": "vimco"}, "'gradient_estimator' must be one of"),
+        ({"gradient_estimator": "dreg"}, "'gradient_estimator' 'dreg' estimates the IWAE"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
