@@ -45,10 +45,12 @@ def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="rel
         layers.append(keras.layers.Dense(units, activation=activation, dtype=dtype))
         layers += _dropout(dropout, seed, i, dtype)
     layers += [
-        # The output layer stays float32 under mixed precision: likelihood parameters
-        # (Gaussian means, logits) need more than float16's 3 decimal digits.
-        keras.layers.Dense(math.prod(data_shape), dtype="float32"),
-        keras.layers.Reshape(data_shape, dtype="float32"),
+        # The output layer computes in the policy's dtype, like every other layer; the
+        # likelihood casts its parameters to float32, as Keras's mixed-precision guide keeps
+        # only the final activation in float32. A float32 output layer bought nothing: the
+        # bf16 hidden units already set the parameters' error (README, "bf16").
+        keras.layers.Dense(math.prod(data_shape), dtype=dtype),
+        keras.layers.Reshape(data_shape, dtype=dtype),
     ]
     return keras.Sequential(layers, name="decoder_network")
 
@@ -109,8 +111,8 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
         layers.append(keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same",
                                                    activation=activation, dtype=dtype))
         layers += _dropout(dropout, seed, i, dtype)
-    # float32 output layer, as in mlp_decoder.
-    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32"))
+    # The output layer in the policy's dtype, as in mlp_decoder.
+    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype=dtype))
     return keras.Sequential(layers, name="decoder_network")
 
 
