@@ -10,7 +10,8 @@ Every contender trains the same number of examples per timed run, each in its ow
 process; the contenders take turns, ``--repeats`` processes each, and the medians, their
 ratios to the references, the last run's mean training loss (nats per example) and the
 achieved FLOP/s as a fraction of this machine's measured float32 matmul peak are printed. The
-first epoch of each process (tracing, XLA compilation) is not timed. Data:
+first epoch of each process (tracing, XLA compilation) is not timed. Where TensorFlow sees
+a GPU, every contender trains on it, PyTorch's too. Data:
 ../shared/data/mnist.npz (grayscale in [0, 1], the Bernoulli log-likelihood as binary
 cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
 pip install torch==2.13.0.
@@ -135,6 +136,8 @@ class TorchContender:
 
         torch.manual_seed(0)
         torch.set_num_threads(os.cpu_count())
+        # The device TensorFlow trains on: a GPU where it sees one, as keras_vae does.
+        device = "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
 
         class Net(nn.Module):
             def __init__(self):
@@ -150,16 +153,16 @@ class TorchContender:
                 return self.fc4(torch.relu(self.fc3(z))), mu, logvar
 
         self.torch, self.name = torch, "pytorch example"
-        self.net = Net()
+        self.net = Net().to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
-        self.x = torch.from_numpy(x[:examples].reshape(-1, 784))
+        self.x = torch.from_numpy(x[:examples].reshape(-1, 784)).to(device)
         self.examples = examples
         self.run()
 
     def run(self):
         torch = self.torch
         total = 0.0
-        for idx in torch.randperm(len(self.x)).split(BATCH):
+        for idx in torch.randperm(len(self.x), device=self.x.device).split(BATCH):
             batch = self.x[idx]
             logits, mu, logvar = self.net(batch)
             # The example's BCE on sigmoid outputs, computed from logits (same value, stable).
@@ -292,8 +295,11 @@ def main():
     if args.child:
         return child(*args.child, args.examples, args.runs)
     peak = matmul_peak()
+    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+            for gpu in tf.config.list_physical_devices("GPU")]
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
-          f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+          f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"(on TensorFlow's default device)", flush=True)
     race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + ([] if args.no_torch else [TORCH]),
          args, peak)
     race("conv", "(b) Keras example conv VAE, latent 2", [PLAIN], args, peak)
