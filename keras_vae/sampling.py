@@ -21,7 +21,21 @@ class SavesSeedState:
 
 @keras.saving.register_keras_serializable(package="keras_vae")
 class Dropout(SavesSeedState, keras.layers.Dropout):
-    """``keras.layers.Dropout`` (rate > 0) whose seed state is saved with the model."""
+    """``keras.layers.Dropout`` (rate > 0) whose seed state is saved with the model and
+    whose masks are independent across the replicas of a ``tf.distribute`` strategy."""
+
+    def call(self, inputs, training=False):
+        context = tf.distribute.get_replica_context()
+        if (not training or self.rate == 0 or context is None
+                or context.num_replicas_in_sync == 1):
+            return super().call(inputs, training=training)
+        # Every replica holds the same seed state, so Keras's dropout would drop the same
+        # units on each replica's share of the batch; the replica's index, folded into the
+        # seed, makes the masks independent.
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.cast(self.seed_generator.next(), tf.int64), context.replica_id_in_sync_group)
+        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed,
+                                                    noise_shape=self.noise_shape)
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")

@@ -55,6 +55,37 @@ def test_mirrored_on_two_devices_matches_one_device(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+DROPOUT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from keras_vae.sampling import Dropout
+    strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    with strategy.scope():
+        layer = Dropout(0.5, seed=3)
+        layer.build((4, 256))
+    step = tf.function(lambda: strategy.run(lambda: layer(tf.ones((4, 256)), training=True)))
+    masks = [[r.numpy().tolist() for r in strategy.experimental_local_results(step())]
+             for _ in range(2)]
+    json.dump(masks, open(sys.argv[1], "w"))
+""")
+
+
+def test_dropout_masks_differ_between_replicas(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, "-c", DROPOUT, str(out)], check=True,
+                   capture_output=True, timeout=300)
+    (first, second), (third, _) = np.array(json.loads(out.read_text()))
+    for mask in (first, second, third):  # inverted dropout of ones at rate ½: 0 or 2
+        assert set(np.unique(mask)) == {0.0, 2.0}
+        assert abs((mask == 0).mean() - 0.5) < 0.1
+    # Same seed state on both replicas, yet independent masks: they agree on about half
+    # the 1,024 units, not all of them; and the next step draws new ones.
+    assert abs((first == second).mean() - 0.5) < 0.1
+    assert abs((first == third).mean() - 0.5) < 0.1
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
