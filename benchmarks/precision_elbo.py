@@ -13,23 +13,13 @@ difference and its largest magnitude, in nats.
 """
 
 import argparse
-from pathlib import Path
 
 import keras
 import numpy as np
+from train_throughput import BATCH, MNIST, ours
 
-from keras_vae import VAE, FusedAdam
+from keras_vae import FusedAdam
 from keras_vae.data import binarize_once, training_dataset
-
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
-BATCH = 128
-
-
-def build(arch, dtype):
-    if arch == "mlp":
-        return VAE((28, 28, 1), latent_dim=20, hidden_units=(400,), seed=0, dtype=dtype)
-    return VAE((28, 28, 1), latent_dim=2, architecture="conv", filters=(32, 64),
-               hidden_units=(16,), seed=0, dtype=dtype)
 
 
 def elbo(model, x, epsilon, batch=500):
@@ -53,7 +43,7 @@ def main():
         x_test = binarize_once((data["x_test"][:args.images] / 255.0).astype("float32")[..., None])
 
     keras.utils.set_random_seed(0)
-    model = build(args.arch, "float32")
+    model = ours(args.arch, "float32")
     model.compile(optimizer=FusedAdam(1e-3))
     steps = -(-len(x_train) // BATCH)
     model.fit(training_dataset(x_train, BATCH, 0, True, 0, args.epochs), epochs=args.epochs,
@@ -65,7 +55,7 @@ def main():
     print(f"{'policy':<16}{'ELBO':>10}{'mean diff':>11}{'SD diff':>9}{'max |diff|':>11}")
     print(f"{'float32':<16}{reference.mean():>10.3f}")
     for policy in ("mixed_bfloat16", "mixed_float16"):
-        mixed = build(args.arch, policy)
+        mixed = ours(args.arch, policy)
         mixed.set_weights(model.get_weights())
         diff = elbo(mixed, x_test, epsilon.astype("float32")) - reference
         print(f"{policy:<16}{reference.mean() + diff.mean():>10.3f}{diff.mean():>+11.4f}"

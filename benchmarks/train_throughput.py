@@ -138,6 +138,9 @@ class TorchContender:
         torch.set_num_threads(os.cpu_count())
         # The device TensorFlow trains on: a GPU where it sees one, as keras_vae does.
         device = "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("TensorFlow trains on the GPU, but this torch build has no "
+                               "CUDA: install a CUDA build of torch 2.13.0 to compare.")
 
         class Net(nn.Module):
             def __init__(self):
@@ -292,6 +295,9 @@ def main():
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for gpu in tf.config.list_physical_devices("GPU"):
+        # Otherwise this process would hold the whole GPU while its children train.
+        tf.config.experimental.set_memory_growth(gpu, True)
     if args.child:
         return child(*args.child, args.examples, args.runs)
     peak = matmul_peak()
@@ -299,7 +305,7 @@ def main():
             for gpu in tf.config.list_physical_devices("GPU")]
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"(on TensorFlow's default device)", flush=True)
+          f"(on TensorFlow's default device; TF32 on GPUs that have it)", flush=True)
     race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + ([] if args.no_torch else [TORCH]),
          args, peak)
     race("conv", "(b) Keras example conv VAE, latent 2", [PLAIN], args, peak)

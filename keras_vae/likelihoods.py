@@ -26,7 +26,15 @@ SIGMA_MODES = ("none", "shared", "per_pixel")
 
 
 class Likelihood(keras.layers.Layer):
-    """Base class: ``distribution(params)`` → p_θ(x|z); ``check_support(x)`` → assertions."""
+    """Base class: ``distribution(params)`` → p_θ(x|z); ``check_support(x)`` → assertions.
+
+    ``needs_float32_params``: whether the decoder's output layer must compute the params in
+    float32 under a mixed dtype policy. Otherwise it computes them in 16 bits, as every
+    other layer does, and ``distribution`` casts them to float32: for logits that is as
+    accurate, since the 16-bit hidden units already set their error (README, "bf16").
+    """
+
+    needs_float32_params = False
 
     def build(self, data_shape):
         self.event_ndims = len(data_shape)
@@ -107,6 +115,10 @@ class GaussianLikelihood(Likelihood):
     ``learn_sigma``: ``"none"`` keeps σ = ``sigma``; ``"shared"`` learns one log σ;
     ``"per_pixel"`` learns one log σ per data element. Learned values start at ``sigma``.
     """
+
+    # (x − μ)²/(2σ²) magnifies μ's rounding error by 1/σ², and a learned σ can become
+    # smaller than a 16-bit μ's rounding error (bf16 rounds 0.3 to 0.30078).
+    needs_float32_params = True
 
     def __init__(self, sigma=1.0, learn_sigma="none", name="gaussian", **kwargs):
         super().__init__(name=name, **kwargs)

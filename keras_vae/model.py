@@ -129,18 +129,23 @@ class VAE(keras.Model):
         self.seed = seed
         self.check_inputs = bool(check_inputs)
 
-        # The networks compute in the model's dtype policy (e.g. dtype="mixed_float16");
+        # Made first, but tracked (assigned) after the networks and the sampler as before,
+        # so that the weights, and the optimizer's variables, keep their order.
+        likelihood_layer = get_likelihood(likelihood, sigma=sigma, learn_sigma=learn_sigma)
+        # The networks compute in the model's dtype policy (e.g. dtype="mixed_float16"),
+        # the decoder's output layer too unless the likelihood needs float32 parameters;
         # the sampler, the distributions and the loss stay in float32.
         policy = self.dtype_policy
         self.encoder_network, self.decoder_network = build_networks(
             architecture, self.data_shape, self.latent_dim, self.hidden_units, self.filters,
             activation, dtype=policy, dropout=self.dropout, seed=seed,
+            output_dtype="float32" if likelihood_layer.needs_float32_params else None,
         )
         self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean", dtype=policy)
         self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var",
                                                  dtype=policy)
         self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
-        self.likelihood = get_likelihood(likelihood, sigma=sigma, learn_sigma=learn_sigma)
+        self.likelihood = likelihood_layer
 
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")

@@ -37,20 +37,17 @@ def _dropout(rate, seed, index, dtype):
 
 
 def mlp_decoder(data_shape, latent_dim, hidden_units=(512, 256), activation="relu", dtype=None,
-                dropout=0.0, seed=None):
+                dropout=0.0, seed=None, output_dtype=None):
     """z → Dense(h_n) → … → Dense(h₁) → Dense(prod(data_shape)) → reshape (mirror of the
-    encoder); ``dropout`` after each hidden layer while training."""
+    encoder); ``dropout`` after each hidden layer while training. The output layer computes
+    in ``output_dtype`` (default: ``dtype``)."""
     layers = [keras.Input(shape=(latent_dim,))]
     for i, units in enumerate(reversed(hidden_units)):
         layers.append(keras.layers.Dense(units, activation=activation, dtype=dtype))
         layers += _dropout(dropout, seed, i, dtype)
     layers += [
-        # The output layer computes in the policy's dtype, like every other layer; the
-        # likelihood casts its parameters to float32, as Keras's mixed-precision guide keeps
-        # only the final activation in float32. A float32 output layer bought nothing: the
-        # bf16 hidden units already set the parameters' error (README, "bf16").
-        keras.layers.Dense(math.prod(data_shape), dtype=dtype),
-        keras.layers.Reshape(data_shape, dtype=dtype),
+        keras.layers.Dense(math.prod(data_shape), dtype=output_dtype or dtype),
+        keras.layers.Reshape(data_shape, dtype=output_dtype or dtype),
     ]
     return keras.Sequential(layers, name="decoder_network")
 
@@ -90,10 +87,11 @@ def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="r
 
 
 def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dtype=None,
-                 dropout=0.0, seed=None):
+                 dropout=0.0, seed=None, output_dtype=None):
     """z → Dense → reshape to (H/2ⁿ, W/2ⁿ, f_n) → Conv2DTranspose(f, 3, stride 2) for f in
     reversed(filters) → Conv2DTranspose(channels, 3) (linear: logits or means);
-    ``dropout`` after each hidden layer while training.
+    ``dropout`` after each hidden layer while training; the output layer computes in
+    ``output_dtype`` (default: ``dtype``).
 
     With the defaults this is the decoder of the official Keras VAE example.
     """
@@ -111,8 +109,8 @@ def conv_decoder(data_shape, latent_dim, filters=(32, 64), activation="relu", dt
         layers.append(keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same",
                                                    activation=activation, dtype=dtype))
         layers += _dropout(dropout, seed, i, dtype)
-    # The output layer in the policy's dtype, as in mlp_decoder.
-    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype=dtype))
+    layers.append(keras.layers.Conv2DTranspose(channels, 3, padding="same",
+                                               dtype=output_dtype or dtype))
     return keras.Sequential(layers, name="decoder_network")
 
 
@@ -299,20 +297,23 @@ class PixelCNNMADEDecoder(MADEDecoder):
 
 
 def build_networks(architecture, data_shape, latent_dim, hidden_units, filters, activation,
-                   dtype=None, dropout=0.0, seed=None):
+                   dtype=None, dropout=0.0, seed=None, output_dtype=None):
     """Returns ``(encoder_network, decoder_network)`` of the named family, their layers in
-    the dtype policy ``dtype`` (default: the global one), with ``dropout`` on the decoder's
-    hidden units while training."""
+    the dtype policy ``dtype`` (default: the global one) but for the mlp and conv decoders'
+    output layer, in ``output_dtype`` (default: ``dtype``), with ``dropout`` on the
+    decoder's hidden units while training."""
     data_shape = tuple(data_shape)
     if architecture == "mlp":
         return (
             mlp_encoder(data_shape, hidden_units, activation, dtype),
-            mlp_decoder(data_shape, latent_dim, hidden_units, activation, dtype, dropout, seed),
+            mlp_decoder(data_shape, latent_dim, hidden_units, activation, dtype, dropout, seed,
+                        output_dtype),
         )
     if architecture == "conv":
         return (
             conv_encoder(data_shape, filters, hidden_units, activation, dtype),
-            conv_decoder(data_shape, latent_dim, filters, activation, dtype, dropout, seed),
+            conv_decoder(data_shape, latent_dim, filters, activation, dtype, dropout, seed,
+                         output_dtype),
         )
     if architecture == "made":
         made = MADEDecoder(data_shape, latent_dim, tuple(reversed(hidden_units)), activation,
