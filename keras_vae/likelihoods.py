@@ -30,8 +30,8 @@ class Likelihood(keras.layers.Layer):
 
     ``needs_float32_params``: whether the decoder's output layer must compute the params in
     float32 under a mixed dtype policy. Otherwise it computes them in 16 bits, as every
-    other layer does, and ``distribution`` casts them to float32: for logits that is as
-    accurate, since the 16-bit hidden units already set their error (README, "bf16").
+    other layer does, and ``distribution`` casts them to float32: for logits that costs
+    little, since the 16-bit hidden units already set most of their error (README, "bf16").
     """
 
     needs_float32_params = False
