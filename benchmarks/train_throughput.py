@@ -4,7 +4,8 @@
 
 (a) the MLP of PyTorch's VAE example (784-400-20-400-784, Bernoulli, Adam 1e-3, batch 128):
     keras_vae (with each speed lever) vs a PyTorch implementation of that example and vs a
-    plain Keras subclassed VAE written as the official Keras example writes it;
+    plain Keras subclassed VAE written as the official Keras example writes it; PyTorch's
+    mixed precision (bf16 autocast) runs too, beside keras_vae's bf16;
 (b) the official Keras example's convolutional VAE (latent 2): keras_vae vs plain Keras.
 Every contender trains the same number of examples per timed run, each in its own fresh
 process; the contenders take turns, ``--repeats`` processes each, and the medians, their
@@ -128,9 +129,11 @@ class KerasContender:
 
 
 class TorchContender:
-    """PyTorch's VAE example (MLP 784-400-20-400-784), its loop kept on tensors."""
+    """PyTorch's VAE example (MLP 784-400-20-400-784), its loop kept on tensors; with
+    ``bf16``, its forward pass and loss under ``torch.autocast`` to bfloat16 (PyTorch's
+    mixed precision: float32 weights, the BCE computed in float32)."""
 
-    def __init__(self, x, examples):
+    def __init__(self, x, examples, bf16=False):
         import torch
         from torch import nn
 
@@ -159,7 +162,7 @@ class TorchContender:
         self.net = Net().to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
         self.x = torch.from_numpy(x[:examples].reshape(-1, 784)).to(device)
-        self.examples = examples
+        self.examples, self.bf16 = examples, bf16
         self.run()
 
     def run(self):
@@ -167,12 +170,14 @@ class TorchContender:
         total = 0.0
         for idx in torch.randperm(len(self.x), device=self.x.device).split(BATCH):
             batch = self.x[idx]
-            logits, mu, logvar = self.net(batch)
-            # The example's BCE on sigmoid outputs, computed from logits (same value, stable).
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, batch, reduction="sum")
-            kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-            loss = (bce + kld) / len(batch)
+            with torch.autocast(self.x.device.type, torch.bfloat16, enabled=self.bf16):
+                logits, mu, logvar = self.net(batch)
+                # The example's BCE on sigmoid outputs, computed from logits (same value,
+                # stable).
+                bce = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, batch, reduction="sum")
+                kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+                loss = (bce + kld) / len(batch)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -229,14 +234,15 @@ LEVERS = [
     ("keras_vae +FusedAdam +spe=16 +bf16", BF16, FusedAdam, SPE16),
 ]
 PLAIN, TORCH = "plain keras (example style)", "pytorch example"
+TORCH_BF16 = "pytorch example +bf16 autocast"
 
 
 def make_contender(arch, name, x, examples):
     if name == PLAIN:
         model = reference_mlp() if arch == "mlp" else reference_conv()
         return KerasContender(name, model, x, examples, False)
-    if name == TORCH:
-        return TorchContender(x, examples)
+    if name in (TORCH, TORCH_BF16):
+        return TorchContender(x, examples, bf16=name == TORCH_BF16)
     _, dtype, optimizer, kwargs = next(lever for lever in LEVERS if lever[0] == name)
     return KerasContender(name, ours(arch, dtype), x, examples, True, optimizer, **kwargs)
 
@@ -255,12 +261,12 @@ def child(arch, name, examples, runs):
     print(f"RESULT {examples / statistics.median(times)} {loss}")
 
 
-def race(arch, title, references, args, peak):
-    """Races the ``references`` and every lever. Each repeat starts every contender in a
+def race(arch, title, references, args, peak, others=()):
+    """Races the ``references``, the ``others`` and every lever. Each repeat starts every contender in a
     fresh process, in turn: several models in one process share tf.data's and TensorFlow's
     thread pools, and on this 2-core machine that left some of them at half speed for their
     whole life, whichever contender it hit."""
-    names = references + [lever[0] for lever in LEVERS]
+    names = references + list(others) + [lever[0] for lever in LEVERS]
     examples = args.mlp_examples if arch == "mlp" else args.conv_examples
     speeds, losses = {name: [] for name in names}, {}
     for _ in range(args.repeats):
@@ -306,8 +312,9 @@ def main():
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
           f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(on TensorFlow's default device; TF32 on GPUs that have it)", flush=True)
-    race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + ([] if args.no_torch else [TORCH]),
-         args, peak)
+    torch = [] if args.no_torch else [TORCH]
+    race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + torch, args, peak,
+         [TORCH_BF16] if torch else [])
     race("conv", "(b) Keras example conv VAE, latent 2", [PLAIN], args, peak)
 
 
