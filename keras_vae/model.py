@@ -16,7 +16,7 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from keras_vae.likelihoods import get_likelihood
-from keras_vae.networks import AUTOREGRESSIVE, build_networks
+from keras_vae.networks import AUTOREGRESSIVE, Dense, build_networks
 from keras_vae.sampling import Sampling
 
 tfd = tfp.distributions
@@ -141,9 +141,8 @@ class VAE(keras.Model):
             activation, dtype=policy, dropout=self.dropout, seed=seed,
             output_dtype="float32" if likelihood_layer.needs_float32_params else None,
         )
-        self.z_mean_head = keras.layers.Dense(self.latent_dim, name="z_mean", dtype=policy)
-        self.z_log_var_head = keras.layers.Dense(self.latent_dim, name="z_log_var",
-                                                 dtype=policy)
+        self.z_mean_head = Dense(self.latent_dim, name="z_mean", dtype=policy)
+        self.z_log_var_head = Dense(self.latent_dim, name="z_log_var", dtype=policy)
         self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
         self.likelihood = likelihood_layer
 

@@ -249,3 +249,38 @@ def test_check_data_names_the_problem(digits):
     with pytest.raises(ValueError, match=r"needs data in \[0, 1\]"):
         model.check_data(digits * 16)
     model.check_data(digits)
+
+
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("name, kwargs, input_shape", [
+    ("Dense", {"units": 5}, (6400, 3)),  # IWAE's K × batch rows
+    ("Conv2DTranspose", {"filters": 5, "kernel_size": 3, "strides": 2, "padding": "same"},
+     (64, 14, 14, 3)),
+])
+def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
+    """keras_vae's Dense and Conv2DTranspose give Keras's float32 outputs and gradients, in
+    bfloat16 up to its rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
+    which TensorFlow's BiasAddGrad, summing in bfloat16, would get about 90% wrong."""
+    from keras_vae import networks
+
+    ours = getattr(networks, name)(activation="relu", dtype=dtype, **kwargs)
+    reference = getattr(keras.layers, name)(activation="relu", dtype="float32", **kwargs)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=input_shape), "float32")
+    for layer in (ours, reference):
+        layer.build(x.shape)
+    weights = [rng.normal(size=w.shape) for w in reference.get_weights()]  # a nonzero bias
+    results = []
+    for layer in (ours, reference):
+        layer.set_weights(weights)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(layer(x), "float32")
+            loss = tf.reduce_sum(y)  # ∂loss/∂bias = the count of active units: all positive
+        results.append([y, *tape.gradient(loss, [x, layer.kernel, layer.bias])])
+    # Relative error of the whole tensor: in bf16 a unit near 0 may switch its relu.
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    for got, want in zip(*results):
+        assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
