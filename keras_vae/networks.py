@@ -88,23 +88,24 @@ def conv_encoder(data_shape, filters=(32, 64), hidden_units=(16,), activation="r
 
 
 def _add_bias(x, bias):
-    """x + bias, with an accurate bias gradient also in 16 bits.
+    """x + bias, with an accurate bias gradient also in bfloat16.
 
     Keras's ``ops.add`` of a bias becomes TensorFlow's ``BiasAdd``, whose CPU gradient
-    ``BiasAddGrad`` sums a bfloat16 or float16 gradient in 16 bits: over 128×28×28 values
-    of about 0.5 the sum stops at 512 (float32: 50,166), and a bf16 conv VAE's transposed
-    convolutions got bias gradients 81–97% off. ``tf.add``'s gradient is a ``Sum``, which
-    accumulates in float32, and in bfloat16 it is also about 3× faster. float32 keeps
-    ``BiasAdd``, which oneDNN fuses with the matmul or convolution before it.
+    ``BiasAddGrad`` sums a bfloat16 gradient in bfloat16: over 128×28×28 values of about
+    0.5 the sum stops at 512 (float32: 50,166), and a bf16 conv VAE's transposed
+    convolutions got bias gradients 81–97% off. In bfloat16 ``tf.add``'s gradient, a
+    ``Sum``, accumulates in float32, and is also about 3× faster. Other dtypes keep
+    ``BiasAdd``: float32's fuses with the matmul or convolution before it, and float16's
+    ``BiasAddGrad`` is accurate where its ``Sum`` is not (it stops at 8,192 there).
     """
-    if x.dtype == tf.float32:
-        return ops.add(x, bias)
-    return tf.add(x, tf.cast(bias, x.dtype))
+    if x.dtype == tf.bfloat16:
+        return tf.add(x, tf.cast(bias, x.dtype))
+    return ops.add(x, bias)
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
 class Dense(keras.layers.Dense):
-    """``keras.layers.Dense`` whose bias gradient is accurate in 16 bits (``_add_bias``)."""
+    """``keras.layers.Dense`` whose bias gradient is accurate in bfloat16 (``_add_bias``)."""
 
     def call(self, inputs, training=None):
         x = ops.matmul(inputs, self.kernel)
@@ -116,7 +117,7 @@ class Dense(keras.layers.Dense):
 @keras.saving.register_keras_serializable(package="keras_vae")
 class Conv2DTranspose(keras.layers.Conv2DTranspose):
     """``keras.layers.Conv2DTranspose`` (channels last) whose bias gradient is accurate in
-    16 bits (``_add_bias``)."""
+    bfloat16 (``_add_bias``)."""
 
     def call(self, inputs):
         if not self.use_bias or self.data_format != "channels_last":

@@ -253,7 +253,7 @@ def test_check_data_names_the_problem(digits):
 
 
 
-@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("name, kwargs, input_shape", [
     ("Dense", {"units": 5}, (6400, 3)),  # IWAE's K × batch rows
     ("Conv2DTranspose", {"filters": 5, "kernel_size": 3, "strides": 2, "padding": "same"},
@@ -261,8 +261,9 @@ def test_check_data_names_the_problem(digits):
 ])
 def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     """keras_vae's Dense and Conv2DTranspose give Keras's float32 outputs and gradients, in
-    bfloat16 up to its rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
-    which TensorFlow's BiasAddGrad, summing in bfloat16, would get about 90% wrong."""
+    16 bits up to their rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
+    which TensorFlow's BiasAddGrad, summing in bfloat16, would get about 90% wrong in
+    bfloat16, and its Sum would in float16."""
     from keras_vae import networks
 
     ours = getattr(networks, name)(activation="relu", dtype=dtype, **kwargs)
