@@ -262,10 +262,10 @@ def child(arch, name, examples, runs):
 
 
 def race(arch, title, references, args, peak, others=()):
-    """Races the ``references``, the ``others`` and every lever. Each repeat starts every contender in a
-    fresh process, in turn: several models in one process share tf.data's and TensorFlow's
-    thread pools, and on this 2-core machine that left some of them at half speed for their
-    whole life, whichever contender it hit."""
+    """Races the ``references``, the ``others`` and every lever. Each repeat starts every
+    contender in a fresh process, in turn: several models in one process share tf.data's and
+    TensorFlow's thread pools, and on this 2-core machine that left some of them at half
+    speed for their whole life, whichever contender it hit."""
     names = references + list(others) + [lever[0] for lever in LEVERS]
     examples = args.mlp_examples if arch == "mlp" else args.conv_examples
     speeds, losses = {name: [] for name in names}, {}
