@@ -251,8 +251,6 @@ def test_check_data_names_the_problem(digits):
     model.check_data(digits)
 
 
-
-
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("name, kwargs, input_shape", [
     ("Dense", {"units": 5}, (6400, 3)),  # IWAE's K × batch rows
