@@ -239,19 +239,20 @@ class MADEDecoder(keras.layers.Layer):
         z = ops.cast(z, self.compute_dtype)
         inputs, degrees = self._degrees[0], self._degrees[1:]
         # The x terms, once per example; they broadcast over z's leading (sample) axes.
-        hidden = self.activation(
+        hidden = self.activation(_add_bias(
             ops.matmul(x, self._masked(self.kernels[0], inputs, degrees[0], strict=False))
-            + ops.matmul(z, self.latent_kernels[0]) + self.biases[0])
+            + ops.matmul(z, self.latent_kernels[0]), self.biases[0]))
         hidden = self._drop(0, hidden, training)
         for i in range(1, len(degrees)):
             kernel = self._masked(self.kernels[i], degrees[i - 1], degrees[i], strict=False)
-            hidden = self.activation(ops.matmul(hidden, kernel)
-                                     + ops.matmul(z, self.latent_kernels[i]) + self.biases[i])
+            hidden = self.activation(_add_bias(
+                ops.matmul(hidden, kernel) + ops.matmul(z, self.latent_kernels[i]),
+                self.biases[i]))
             hidden = self._drop(i, hidden, training)
         output_kernel = self._masked(self.kernels[-1], degrees[-1], inputs, strict=True)
         direct_kernel = self._masked(self.direct_kernel, inputs, inputs, strict=True)
-        logits = (ops.matmul(hidden, output_kernel) + ops.matmul(x, direct_kernel)
-                  + ops.matmul(z, self.latent_kernels[-1]) + self.biases[-1])
+        logits = _add_bias(ops.matmul(hidden, output_kernel) + ops.matmul(x, direct_kernel)
+                           + ops.matmul(z, self.latent_kernels[-1]), self.biases[-1])
         logits = ops.cast(logits, "float32")
         return ops.reshape(logits, tuple(ops.shape(logits)[:-1]) + self.data_shape)
 
@@ -328,8 +329,9 @@ class PixelCNNMADEDecoder(MADEDecoder):
             c = kernel.shape[0] // 2
             mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[:c + 1]
             padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
-            update = ops.relu(ops.conv(padded, kernel[:c + 1] * ops.cast(mask, kernel.dtype),
-                                       padding="valid") + bias)
+            update = ops.relu(_add_bias(
+                ops.conv(padded, kernel[:c + 1] * ops.cast(mask, kernel.dtype), padding="valid"),
+                bias))
             features = update if i == 0 else features + update
         pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
         # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
