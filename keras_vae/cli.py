@@ -14,9 +14,7 @@ def load_run_or_model(path):
     """(model, run config, run directory) from a run directory (its best checkpoint, else
     its last) or a ``.keras`` file; the config and directory are None for a ``.keras`` file
     outside a run's ``checkpoints/``."""
-    import keras
-
-    import keras_vae  # noqa: F401  (registers the serializable classes)
+    from keras_vae.train import load_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -34,7 +32,7 @@ def load_run_or_model(path):
     else:
         raise FileNotFoundError(f"no run directory or .keras model at {path}")
     config = None if run_dir is None else RunConfig.load(run_dir / "config.json")
-    return keras.saving.load_model(path), config, run_dir
+    return load_checkpoint(path), config, run_dir
 
 
 def _flag(key):
@@ -97,7 +95,10 @@ def _cmd_evaluate(args):
             overrides["binarize"] = args.binarize
         config = RunConfig.from_dict(overrides, base=config)
         data = datasets.load(config.data, args.data_dir or config.data_dir)
+        model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
         x = evaluation_copy(config, data.x_test)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1; got {args.limit}")
     x = x[: args.limit]
     report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
     report["data"] = config.data

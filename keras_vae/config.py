@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,10 @@ class RunConfig:
             ("num_samples", self.num_samples >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("sigma", self.sigma > 0, "must be > 0"),
-            ("beta", self.beta >= 0, "must be >= 0"),
-            ("kl_warmup_epochs", self.kl_warmup_epochs >= 0, "must be >= 0"),
-            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("sigma", 0 < self.sigma < math.inf, "must be finite and > 0"),
+            ("beta", 0 <= self.beta < math.inf, "must be finite and >= 0"),
+            ("kl_warmup_epochs", 0 <= self.kl_warmup_epochs < math.inf, "must be finite and >= 0"),
+            ("learning_rate", 0 < self.learning_rate < math.inf, "must be finite and > 0"),
             ("lr_decay_epochs", all(a < b for a, b in
                                     zip((0,) + self.lr_decay_epochs, self.lr_decay_epochs)),
              "must be increasing epoch numbers > 0"),

@@ -9,6 +9,7 @@ Sources (the ``data`` config key):
 
 import hashlib
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,15 +107,18 @@ def _tfds_arrays(split):
 def _npz(path):
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
-    with np.load(path) as arrays:
-        missing = {"x_train", "x_test"} - set(arrays.files)
-        if missing:
-            raise ValueError(
-                f"npz data file {path} lacks {sorted(missing)} (it has {arrays.files}); "
-                f"expected the Keras layout x_train, x_test, optional y_train, y_test.")
-        return Data(to_unit_interval(arrays["x_train"]), to_unit_interval(arrays["x_test"]),
-                    arrays["y_train"] if "y_train" in arrays.files else None,
-                    arrays["y_test"] if "y_test" in arrays.files else None)
+    try:
+        with np.load(path) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read npz data file {path}: {error}") from error
+    missing = {"x_train", "x_test"} - set(arrays)
+    if missing:
+        raise ValueError(
+            f"npz data file {path} lacks {sorted(missing)} (it has {sorted(arrays)}); "
+            f"expected the Keras layout x_train, x_test, optional y_train, y_test.")
+    return Data(to_unit_interval(arrays["x_train"]), to_unit_interval(arrays["x_test"]),
+                arrays.get("y_train"), arrays.get("y_test"))
 
 
 def _images(folder):

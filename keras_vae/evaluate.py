@@ -53,7 +53,14 @@ class _Accumulator:
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``log_px``, ``log_px_se`` (K draws),
     and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws)."""
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                        ("chunk_size", chunk_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
     x = np.asarray(x, "float32")
+    if not len(x):
+        raise ValueError("nothing to evaluate: x has no examples")
+    model.check_data(x)
     ladder = k_ladder(num_samples)
     bounds = sorted(set(ladder) | set(range(chunk_size, num_samples, chunk_size)))
 

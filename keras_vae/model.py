@@ -182,10 +182,12 @@ class VAE(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def check_data(self, x):
-        """Raises ValueError naming the problem unless every value of x (e.g. a whole
-        training array) is finite and in the likelihood's support."""
+        """Raises ValueError naming the problem unless x (e.g. a whole training array) has
+        the model's data shape and every value is finite and in the likelihood's support."""
+        x = ops.convert_to_tensor(x, "float32")
+        self._check_shape(x)
         try:
-            self.likelihood.check_support(ops.convert_to_tensor(x, "float32"))
+            self.likelihood.check_support(x)
         except tf.errors.InvalidArgumentError as error:
             # The assertion's message, without TensorFlow's quoting of it ("b'...'").
             message = error.message[error.message.find("keras_vae:"):]
@@ -219,7 +221,7 @@ class VAE(keras.Model):
 
     def encode(self, x, training=False):
         """q_φ(z|x) as a TFP ``MultivariateNormalDiag`` with batch shape [batch]."""
-        return self.posterior(*self.encode_params(x, training=training))
+        return self.posterior(*self.encode_params(self._checked(x), training=training))
 
     def decode(self, z, x=None, noise=None, training=False):
         """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``.

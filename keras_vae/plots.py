@@ -16,6 +16,9 @@ def _save(fig, path):
 def _tile(images, columns, pad=1):
     """[n, H, W, C] → one mosaic of ``columns`` cells a row, ``pad`` pixels between cells
     (padding and blank cells are 0: white in the gray plots)."""
+    if images.ndim != 4:
+        raise ValueError(f"cannot draw data of shape {images.shape[1:]} as images: that "
+                         f"needs (height, width, channels)")
     n, h, w, c = images.shape
     rows = -(-n // columns)
     grid = np.zeros((rows * (h + pad) - pad, columns * (w + pad) - pad, c), images.dtype)

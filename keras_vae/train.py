@@ -38,9 +38,10 @@ class RunResult:
 
 
 STATE_ENTRY = "keras_vae_state.json"
-# What a resumed run may change: how long it trains and the learning rates of the epochs
-# it has not trained yet.
-RESUMABLE_KEYS = ("epochs", "lr_decay_epochs", "lr_decay_factor")
+# What a resumed run may change: how long it trains, the learning rates of the epochs it
+# has not trained yet, and what it writes after training.
+RESUMABLE_KEYS = ("epochs", "lr_decay_epochs", "lr_decay_factor", "plots", "export_dir",
+                  "export_name")
 # The run's evaluation copy of the test set (see data.save_test_set).
 TEST_SET_FILE = "test_set.npz"
 
@@ -80,10 +81,24 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self._save("last.keras", epoch + 1)
 
 
+def load_checkpoint(path):
+    """The model saved in the ``.keras`` file at ``path``; a ValueError names the file if
+    it holds none."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .keras model: not a zip archive")
+    try:
+        return keras.saving.load_model(path)
+    except (ValueError, KeyError, OSError, TypeError) as error:
+        raise ValueError(f"cannot load the model in {path}: {error}") from error
+
+
 def checkpoint_state(path):
     """``{"epochs_completed", "best_val_elbo", "best_epoch"}`` stored in a checkpoint by
     AtomicCheckpoint (``best_epoch``: epochs completed when ``best_val_elbo`` was reached)."""
     with zipfile.ZipFile(path) as archive:
+        if STATE_ENTRY not in archive.namelist():
+            raise ValueError(f"{path} is not a keras-vae checkpoint: it has no {STATE_ENTRY} "
+                             f"(a model saved with model.save cannot be resumed)")
         state = json.loads(archive.read(STATE_ENTRY))
     # Checkpoints written before best_epoch was stored: count from the resume.
     state.setdefault("best_epoch", state["epochs_completed"])
@@ -212,8 +227,11 @@ def _prepare_history(path, epochs, config, validation):
 
     CSVLogger appends rows under the header already in the file, in the order of its own
     sorted keys: a history written before the learning rate was logged gets the column,
-    filled from the schedule, so that appended rows line up with the header.
+    filled from the schedule, so that appended rows line up with the header. With no epoch
+    kept, the file goes, and CSVLogger writes it afresh.
     """
+    if epochs == 0:
+        path.unlink(missing_ok=True)
     if not path.exists():
         return
     with open(path, newline="") as f:
@@ -268,20 +286,24 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     strategy = make_strategy(config.strategy)
     data = datasets.load(config.data, config.data_dir)
     x_train, x_val = split_validation(data.x_train, config.validation_fraction)
+    if not len(x_train) or not len(data.x_test):
+        raise ValueError(
+            f"data {config.data!r} leaves {len(x_train)} training and {len(data.x_test)} test "
+            f"examples (validation_fraction {config.validation_fraction}); both must be >= 1")
     steps = datasets.steps_per_epoch(len(x_train), config.batch_size)
     _check_steps_per_execution(config.steps_per_execution, steps)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
     last = run_dir / "checkpoints" / "last.keras"
     if resume:
         saved = saved_config(run_dir)
-        if not last.is_file():
-            raise FileNotFoundError(f"cannot resume {run_dir}: no checkpoint at {last}")
-        state = checkpoint_state(last)
+    elif (run_dir / "config.json").exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+    # A run stopped before its first checkpoint resumes from the start.
+    from_checkpoint = resume and last.is_file()
+    state = (checkpoint_state(last) if from_checkpoint
+             else {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0})
+    if resume:
         _check_resumed_config(saved, config, state["epochs_completed"])
-    else:
-        if (run_dir / "config.json").exists():
-            raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
-        state = {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0}
     chief = is_chief(strategy)
     if not chief:
         # Every worker of a multi-worker run saves (saving reads mirrored variables), but
@@ -290,7 +312,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     with strategy.scope():
-        model = (keras.saving.load_model(last) if resume
+        model = (load_checkpoint(last) if from_checkpoint
                  else build_model(config, data.shape, steps))
     # One check of the whole data set, before anything trains: the per-batch checks in the
     # model are dropped when the step is XLA-compiled.
@@ -337,7 +359,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     # The run's model is its best checkpoint (by validation ELBO), as for `keras-vae
     # evaluate RUN`; without validation data, its last.
     best = checkpoints / "best.keras"
-    model = keras.saving.load_model(best if best.is_file() else last)
+    model = load_checkpoint(best if best.is_file() else last)
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
     metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
                "checkpoint": "best.keras" if best.is_file() else "last.keras",
@@ -360,13 +382,15 @@ def split_validation(x_train, fraction):
 
 
 def write_plots(model, folder, history, x_test, y_test, seed=0):
-    """Every figure of a run into ``folder``."""
+    """Every figure of a run into ``folder``; those of images only for (H, W, C) data."""
     folder.mkdir(parents=True, exist_ok=True)
     plots.loss_curves(history, folder / "loss_curves.png")
+    z_mean = model.encode_params(x_test)[0].numpy()
+    plots.latent_scatter(z_mean, y_test, folder / "latent.png")
+    if len(model.data_shape) != 3:
+        return
     plots.reconstructions(x_test, model.reconstruct(x_test[:16]).numpy(),
                           folder / "reconstructions.png")
     plots.samples(model.sample(64, seed=seed).numpy(), folder / "samples.png")
-    z_mean = model.encode_params(x_test)[0].numpy()
-    plots.latent_scatter(z_mean, y_test, folder / "latent.png")
     if model.latent_dim == 2:
         plots.manifold(lambda z: model.decode(z).mean().numpy(), folder / "manifold.png")

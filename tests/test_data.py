@@ -50,6 +50,9 @@ def test_npz_errors_name_the_problem(tmp_path):
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match=r"lacks \['x_test', 'x_train'\]"):
         data.load(f"npz:{tmp_path / 'bad.npz'}")
+    (tmp_path / "corrupt.npz").write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match="cannot read npz data file .*corrupt.npz"):
+        data.load(f"npz:{tmp_path / 'corrupt.npz'}")
     with pytest.raises(ValueError, match="Unknown data source 'mnist'"):
         data.load("mnist")
 

@@ -109,11 +109,18 @@ def test_iwae_objective(digits):
     assert history.history["loss"][-1] < history.history["loss"][0]
 
 
-def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run trained on the digits for one epoch."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     assert main(["train", "--epochs", "1", "--hidden-units", "16", "--latent-dim", "3",
                  "--plots", "false", "--quiet", "--run-dir", str(tmp_path / "run"),
                  "--export-dir", str(tmp_path / "sm")]) == 0
-    model, config, _ = load_run_or_model(tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(run_dir, tmp_path, capsys):
+    model, config, _ = load_run_or_model(run_dir)
     from keras_vae.data import load
     from keras_vae.train import evaluation_copy
 
@@ -122,11 +129,10 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path, capsys)
     reports = []
     # A checkpoint outside its run needs the data named; inside, the run's test set is used.
     elsewhere = tmp_path / "model.keras"
-    elsewhere.write_bytes((tmp_path / "run" / "checkpoints" / "best.keras").read_bytes())
+    elsewhere.write_bytes((run_dir / "checkpoints" / "best.keras").read_bytes())
     assert main(["evaluate", str(elsewhere), "--k", "2"]) == 2
     assert "not inside a run directory: name its data with --data" in capsys.readouterr().err
-    for target in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "best.keras",
-                   elsewhere):
+    for target in (run_dir, run_dir / "checkpoints" / "best.keras", elsewhere):
         out = tmp_path / f"{target.name}.json"
         args = ["evaluate", str(target), "--k", "20", "--seed", "1", "--limit", "50",
                 "--output", str(out), "--per-example", str(tmp_path / "scores.npz")]
@@ -139,3 +145,28 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(tmp_path, capsys)
         for key in ("elbo", "log_px", "gap"):
             assert report[key]["mean"] == pytest.approx(in_memory[key]["mean"], rel=1e-6)
     assert np.load(tmp_path / "scores.npz")["log_px"].shape == (50,)
+
+
+def test_cli_evaluate_names_bad_input(run_dir, tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(8, 8, 8)).astype("float32")
+    nan = x.copy()
+    nan[2, 3, 3] = np.nan
+    shifted = x[:, :6, :6]
+    cases = [
+        # Checked before the test set is binarized, which would turn both into 0s and 1s.
+        ({"x_test": nan}, [], "keras_vae: the data contains NaN or inf"),
+        ({"x_test": x * 16}, ["--binarize", "none"], r"needs data in [0, 1]"),
+        ({"x_test": x * 16}, [], r"needs data in [0, 1]"),
+        ({"x_test": shifted}, [], "expects inputs of shape (batch,) + (8, 8, 1); got shape"),
+        ({"x_test": x}, ["--limit", "0"], "--limit must be >= 1; got 0"),
+        ({"x_test": x}, ["--k", "0"], "num_samples must be >= 1; got 0"),
+        ({"x_test": x}, ["--chunk-size", "-1"], "chunk_size must be >= 1; got -1"),
+    ]
+    for arrays, flags, message in cases:
+        np.savez(tmp_path / "d.npz", x_train=x, **arrays)
+        assert main(["evaluate", str(run_dir), "--data", f"npz:{tmp_path / 'd.npz'}",
+                     *flags]) == 2, message
+        assert message in capsys.readouterr().err
+    (tmp_path / "junk.keras").write_bytes(b"not a model")
+    assert main(["evaluate", str(tmp_path / "junk.keras"), "--data", "digits"]) == 2
+    assert "junk.keras is not a .keras model: not a zip archive" in capsys.readouterr().err

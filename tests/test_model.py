@@ -197,6 +197,8 @@ def test_nan_in_a_batch_is_refused(digits):
     x[10, 3, 3, 0] = np.nan
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
         model.fit(x, batch_size=32, epochs=1, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or inf"):
+        model.encode(x)
     weights = [w.numpy() for w in model.weights]
     assert all(np.all(np.isfinite(w)) for w in weights)
 

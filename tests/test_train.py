@@ -109,6 +109,14 @@ def test_resume_after_a_kill_continues_at_the_right_epoch_with_the_same_results(
     assert [r["epoch"] for r in got] == ["0", "1", "2", "3"]
     np.testing.assert_allclose([float(r["val_elbo"]) for r in got],
                                [float(r["val_elbo"]) for r in expected], rtol=1e-5)
+    # Killed in its first epoch, before any checkpoint: resuming starts it from the beginning.
+    with pytest.raises(Interrupt):
+        train(config, run_dir=tmp_path / "early", callbacks=[KillInEpoch(0, 5)], verbose=0)
+    assert not (tmp_path / "early" / "checkpoints" / "last.keras").exists()
+    assert main(["train", "--resume", str(tmp_path / "early"), "--quiet"]) == 0
+    restarted = keras.saving.load_model(tmp_path / "early" / "checkpoints" / "last.keras")
+    for a, b in zip(whole.model.weights, restarted.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
 def test_config_file_with_flag_overrides(tmp_path):
@@ -136,6 +144,9 @@ def test_config_file_with_flag_overrides(tmp_path):
          "'steps_per_execution' must be 1 with strategy 'mirrored'"),
         ({"gradient_estimator": "vimco"}, "'gradient_estimator' must be one of"),
         ({"gradient_estimator": "dreg"}, "'gradient_estimator' 'dreg' estimates the IWAE"),
+        ({"learning_rate": "inf"}, "'learning_rate' must be finite and > 0"),
+        ({"kl_warmup_epochs": "inf"}, "'kl_warmup_epochs' must be finite and >= 0"),
+        ({"beta": "nan"}, "'beta' must be finite and >= 0"),
     ],
 )
 def test_bad_settings_name_the_key(values, message):
@@ -225,13 +236,53 @@ def test_bad_data_is_refused_before_training_even_with_xla(tmp_path, capsys):
     assert not (tmp_path / "run" / "history.csv").exists()
 
 
+def test_mismatched_or_empty_data_is_refused_before_training(tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(64, 8, 8)).astype("float32")
+    cases = [({"x_train": x, "x_test": x[:8, :6, :6]},
+              "expects inputs of shape (batch,) + (8, 8, 1); got shape (8, 6, 6, 1)"),
+             ({"x_train": x[:0], "x_test": x[:8]}, "leaves 0 training and 8 test examples")]
+    for i, (arrays, message) in enumerate(cases):
+        np.savez(tmp_path / "d.npz", **arrays)
+        assert main(["train", "--data", f"npz:{tmp_path / 'd.npz'}",
+                     "--run-dir", str(tmp_path / f"run{i}"), *FAST]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / f"run{i}" / "history.csv").exists()
+
+
+def test_flat_data_trains_plots_and_samples(tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(64, 20)).astype("float32")
+    np.savez(tmp_path / "flat.npz", x_train=x, x_test=x[:16])
+    assert main(["train", "--data", f"npz:{tmp_path / 'flat.npz'}", "--epochs", "1",
+                 "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "sm"),
+                 *FAST]) == 0
+    # The figures of images are left out for data that are not images.
+    assert sorted(p.name for p in (tmp_path / "run" / "plots").iterdir()) == [
+        "latent.png", "loss_curves.png"]
+    assert main(["sample", str(tmp_path / "run"), "--n", "3",
+                 "--output", str(tmp_path / "s.npy")]) == 0
+    assert np.load(tmp_path / "s.npy").shape == (3, 20)
+    assert main(["sample", str(tmp_path / "run"), "--output", str(tmp_path / "s.png")]) == 2
+    assert "cannot draw data of shape (20,) as images" in capsys.readouterr().err
+
+
+def test_resume_names_a_checkpoint_it_cannot_continue(tmp_path, capsys):
+    config = RunConfig(epochs=1, hidden_units=(16,), latent_dim=2, batch_size=256,
+                       plots=False, export_dir=str(tmp_path / "sm"))
+    result = train(config, run_dir=tmp_path / "run", verbose=0)
+    last = tmp_path / "run" / "checkpoints" / "last.keras"
+    result.model.save(last)  # a plain Keras save: no training state
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
+    assert "last.keras is not a keras-vae checkpoint: it has no keras_vae_state.json" \
+        in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     config = RunConfig(epochs=1, hidden_units=(16,), latent_dim=2, batch_size=256,
                        plots=False, export_dir=str(tmp_path / "sm"))
     train(config, run_dir=tmp_path / "run", verbose=0)
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
-    assert "only epochs, lr_decay_epochs, lr_decay_factor may change (got latent_dim: 2 -> 4)" \
-        in capsys.readouterr().err
+    assert ("only epochs, lr_decay_epochs, lr_decay_factor, plots, export_dir, export_name may "
+            "change (got latent_dim: 2 -> 4)") in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--config", "c.yaml"]) == 2
     assert "leave out --config" in capsys.readouterr().err
     # The library's train() checks the same: the data order depends on the batch size.
