@@ -251,6 +251,14 @@ def _prepare_history(path, epochs, config, validation):
         writer.writerows(rows)
 
 
+def _trained_epochs(path):
+    """The number of epochs recorded in the CSV history at ``path`` (0 if there is none)."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
 def read_history(path):
     """{metric: values by epoch} from the CSV history; CSVLogger writes "NA" for the
     validation columns of a run without validation data, and those are left out."""
@@ -298,8 +306,11 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         saved = saved_config(run_dir)
     elif (run_dir / "config.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
-    # A run stopped before its first checkpoint resumes from the start.
     from_checkpoint = resume and last.is_file()
+    if resume and not from_checkpoint and _trained_epochs(run_dir / "history.csv"):
+        raise FileNotFoundError(f"cannot resume {run_dir}: its history.csv records trained "
+                                f"epochs, but there is no checkpoint at {last}")
+    # Otherwise a run stopped before its first checkpoint resumes from the start.
     state = (checkpoint_state(last) if from_checkpoint
              else {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0})
     if resume:

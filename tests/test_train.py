@@ -274,6 +274,13 @@ def test_resume_names_a_checkpoint_it_cannot_continue(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
     assert "last.keras is not a keras-vae checkpoint: it has no keras_vae_state.json" \
         in capsys.readouterr().err
+    # Without its checkpoint, a run that has trained is not restarted over its history.
+    last.unlink()
+    history = (tmp_path / "run" / "history.csv").read_text()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
+    assert "history.csv records trained epochs, but there is no checkpoint" \
+        in capsys.readouterr().err
+    assert (tmp_path / "run" / "history.csv").read_text() == history
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
