@@ -35,6 +35,17 @@ def load_run_or_model(path):
     return load_checkpoint(path), config, run_dir
 
 
+def _positive_int(text):
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return value
+
+
 def _flag(key):
     return f"--{key.replace('_', '-')}"
 
@@ -97,8 +108,6 @@ def _cmd_evaluate(args):
         data = datasets.load(config.data, args.data_dir or config.data_dir)
         model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
         x = evaluation_copy(config, data.x_test)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1; got {args.limit}")
     x = x[: args.limit]
     report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
     report["data"] = config.data
@@ -151,11 +160,11 @@ def build_parser():
     evaluate.add_argument("--data-dir", help="TFDS data_dir")
     evaluate.add_argument("--binarize", choices=("auto", "dynamic", "none"),
                           help="binarize the test set once with a fixed seed (default: the run's)")
-    evaluate.add_argument("--k", type=int, default=1000, help="importance samples K")
-    evaluate.add_argument("--batch-size", type=int, default=100)
-    evaluate.add_argument("--chunk-size", type=int, default=500, help="draws per pass")
+    evaluate.add_argument("--k", type=_positive_int, default=1000, help="importance samples K")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=100)
+    evaluate.add_argument("--chunk-size", type=_positive_int, default=500, help="draws per pass")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--limit", type=int, help="first N test examples only")
+    evaluate.add_argument("--limit", type=_positive_int, help="first N test examples only")
     evaluate.add_argument("--output", help="write the JSON report here")
     evaluate.add_argument("--per-example", help="write per-example scores to this .npz")
     evaluate.set_defaults(func=_cmd_evaluate)
@@ -168,7 +177,7 @@ def build_parser():
 
     sample = commands.add_parser("sample", help="draw from the prior and decode")
     sample.add_argument("model", help="run directory or .keras file")
-    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--n", type=_positive_int, default=64)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--output", default="samples.png", help=".png grid or .npy array")
     sample.set_defaults(func=_cmd_sample)

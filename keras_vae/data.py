@@ -104,18 +104,22 @@ def _tfds_arrays(split):
     return to_unit_interval(np.concatenate(images)), y
 
 
+KERAS_LAYOUT = ("x_train", "x_test", "y_train", "y_test")  # what an npz data file holds
+
+
 def _npz(path):
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
     try:
         with np.load(path) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+            arrays = {name: npz[name] for name in KERAS_LAYOUT if name in npz.files}
+            names = npz.files
     except (ValueError, OSError, zipfile.BadZipFile) as error:
         raise ValueError(f"cannot read npz data file {path}: {error}") from error
     missing = {"x_train", "x_test"} - set(arrays)
     if missing:
         raise ValueError(
-            f"npz data file {path} lacks {sorted(missing)} (it has {sorted(arrays)}); "
+            f"npz data file {path} lacks {sorted(missing)} (it has {names}); "
             f"expected the Keras layout x_train, x_test, optional y_train, y_test.")
     return Data(to_unit_interval(arrays["x_train"]), to_unit_interval(arrays["x_test"]),
                 arrays.get("y_train"), arrays.get("y_test"))

@@ -95,6 +95,8 @@ def load_checkpoint(path):
 def checkpoint_state(path):
     """``{"epochs_completed", "best_val_elbo", "best_epoch"}`` stored in a checkpoint by
     AtomicCheckpoint (``best_epoch``: epochs completed when ``best_val_elbo`` was reached)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a keras-vae checkpoint: not a zip archive")
     with zipfile.ZipFile(path) as archive:
         if STATE_ENTRY not in archive.namelist():
             raise ValueError(f"{path} is not a keras-vae checkpoint: it has no {STATE_ENTRY} "
@@ -307,9 +309,12 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     elif (run_dir / "config.json").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
     from_checkpoint = resume and last.is_file()
-    if resume and not from_checkpoint and _trained_epochs(run_dir / "history.csv"):
-        raise FileNotFoundError(f"cannot resume {run_dir}: its history.csv records trained "
-                                f"epochs, but there is no checkpoint at {last}")
+    if resume and not from_checkpoint and (
+            _trained_epochs(run_dir / "history.csv") or (run_dir / "metrics.json").exists()
+            or (last.parent / "best.keras").exists()):
+        raise FileNotFoundError(f"cannot resume {run_dir}: it has trained (history.csv, "
+                                f"metrics.json or best.keras), but there is no checkpoint "
+                                f"at {last}")
     # Otherwise a run stopped before its first checkpoint resumes from the start.
     state = (checkpoint_state(last) if from_checkpoint
              else {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0})

@@ -31,6 +31,17 @@ def test_k_ladder():
     assert k_ladder(1) == [1]
 
 
+def test_bad_arguments_are_named(ppca_case):
+    model, x, _ = ppca_case
+    for kwargs, message in [({"num_samples": 0}, "num_samples must be >= 1; got 0"),
+                            ({"batch_size": -1}, "batch_size must be >= 1; got -1"),
+                            ({"chunk_size": 0}, "chunk_size must be >= 1; got 0")]:
+        with pytest.raises(ValueError, match=message):
+            importance_weighted(model, x, **{"num_samples": 10, **kwargs})
+    with pytest.raises(ValueError, match="nothing to evaluate: x has no examples"):
+        importance_weighted(model, x[:0], 10)
+
+
 def test_estimate_converges_to_exact_log_px_from_below(ppca_case):
     model, x, exact = ppca_case
     scores = importance_weighted(model, x, 5000, batch_size=16, chunk_size=1000)
@@ -158,15 +169,17 @@ def test_cli_evaluate_names_bad_input(run_dir, tmp_path, capsys):
         ({"x_test": x * 16}, ["--binarize", "none"], r"needs data in [0, 1]"),
         ({"x_test": x * 16}, [], r"needs data in [0, 1]"),
         ({"x_test": shifted}, [], "expects inputs of shape (batch,) + (8, 8, 1); got shape"),
-        ({"x_test": x}, ["--limit", "0"], "--limit must be >= 1; got 0"),
-        ({"x_test": x}, ["--k", "0"], "num_samples must be >= 1; got 0"),
-        ({"x_test": x}, ["--chunk-size", "-1"], "chunk_size must be >= 1; got -1"),
     ]
     for arrays, flags, message in cases:
         np.savez(tmp_path / "d.npz", x_train=x, **arrays)
         assert main(["evaluate", str(run_dir), "--data", f"npz:{tmp_path / 'd.npz'}",
                      *flags]) == 2, message
         assert message in capsys.readouterr().err
+    for flag, value in (("--limit", "0"), ("--k", "-3"), ("--chunk-size", "2.5")):
+        with pytest.raises(SystemExit):
+            main(["evaluate", str(run_dir), flag, value])
+        assert f"argument {flag}: must be an integer >= 1; got '{value}'" \
+            in capsys.readouterr().err
     (tmp_path / "junk.keras").write_bytes(b"not a model")
     assert main(["evaluate", str(tmp_path / "junk.keras"), "--data", "digits"]) == 2
     assert "junk.keras is not a .keras model: not a zip archive" in capsys.readouterr().err

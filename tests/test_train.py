@@ -274,12 +274,16 @@ def test_resume_names_a_checkpoint_it_cannot_continue(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
     assert "last.keras is not a keras-vae checkpoint: it has no keras_vae_state.json" \
         in capsys.readouterr().err
+    last.write_bytes(b"junk")
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
+    assert "last.keras is not a keras-vae checkpoint: not a zip archive" \
+        in capsys.readouterr().err
     # Without its checkpoint, a run that has trained is not restarted over its history.
     last.unlink()
     history = (tmp_path / "run" / "history.csv").read_text()
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2"]) == 2
-    assert "history.csv records trained epochs, but there is no checkpoint" \
-        in capsys.readouterr().err
+    assert "it has trained (history.csv, metrics.json or best.keras), but there is no " \
+        "checkpoint" in capsys.readouterr().err
     assert (tmp_path / "run" / "history.csv").read_text() == history
 
 
@@ -296,6 +300,11 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"got batch_size: 256 -> 128\)"):
         train(dataclasses.replace(config, batch_size=128), tmp_path / "run", resume=True)
     assert RunConfig.load(tmp_path / "run" / "config.json") == config
+    # What is written after training may change: plots, and where the export goes.
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--plots", "true",
+                 "--export-name", "other", "--quiet"]) == 0
+    assert (tmp_path / "run" / "plots" / "samples.png").is_file()
+    assert (tmp_path / "sm" / "other" / "1" / "saved_model.pb").is_file()
 
 
 def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
