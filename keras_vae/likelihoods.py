@@ -122,8 +122,9 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, sigma=1.0, learn_sigma="none", name="gaussian", **kwargs):
         super().__init__(name=name, **kwargs)
-        if not sigma > 0:
-            raise ValueError(f"The Gaussian likelihood needs sigma > 0; got sigma={sigma}.")
+        if not 0 < sigma < math.inf:
+            raise ValueError(f"The Gaussian likelihood needs a finite sigma > 0; got "
+                             f"sigma={sigma}.")
         if learn_sigma not in SIGMA_MODES:
             raise ValueError(
                 f"Unknown learn_sigma {learn_sigma!r}; expected one of {SIGMA_MODES}."

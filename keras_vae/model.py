@@ -106,10 +106,10 @@ class VAE(keras.Model):
             )
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
-        if beta < 0 or kl_warmup_steps < 0:
+        if not (0 <= beta < math.inf and 0 <= kl_warmup_steps < math.inf):
             raise ValueError(
-                f"beta and kl_warmup_steps must be >= 0; got {beta}, {kl_warmup_steps}."
-            )
+                f"beta and kl_warmup_steps must be finite and >= 0; got {beta}, "
+                f"{kl_warmup_steps}.")
         self.data_shape = tuple(int(n) for n in data_shape)
         self.latent_dim = int(latent_dim)
         self.architecture = architecture
