@@ -284,6 +284,30 @@ def _check_steps_per_execution(steps_per_execution, steps):
             f"{divisor})")
 
 
+def _starting_point(run_dir, config, resume):
+    """(checkpoint to resume from or None, its state): a new run, or a resumed one stopped
+    before its first checkpoint, starts at epoch 0; a resumed run otherwise at its last
+    checkpoint, with a config that differs from its saved one only where a resume may."""
+    last = run_dir / "checkpoints" / "last.keras"
+    start = {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0}
+    if not resume:
+        if (run_dir / "config.json").exists():
+            raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
+        return None, start
+    saved = saved_config(run_dir)
+    if last.is_file():
+        resumed_from, state = last, checkpoint_state(last)
+    elif (_trained_epochs(run_dir / "history.csv") or (run_dir / "metrics.json").exists()
+          or (last.parent / "best.keras").exists()):
+        raise FileNotFoundError(f"cannot resume {run_dir}: it has trained (history.csv, "
+                                f"metrics.json or best.keras), but there is no checkpoint "
+                                f"at {last}")
+    else:
+        resumed_from, state = None, start
+    _check_resumed_config(saved, config, state["epochs_completed"])
+    return resumed_from, state
+
+
 def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     """Trains (or, with ``resume``, continues) the run in ``run_dir``; returns a RunResult.
 
@@ -303,23 +327,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     steps = datasets.steps_per_epoch(len(x_train), config.batch_size)
     _check_steps_per_execution(config.steps_per_execution, steps)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-    last = run_dir / "checkpoints" / "last.keras"
-    if resume:
-        saved = saved_config(run_dir)
-    elif (run_dir / "config.json").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; use resume")
-    from_checkpoint = resume and last.is_file()
-    if resume and not from_checkpoint and (
-            _trained_epochs(run_dir / "history.csv") or (run_dir / "metrics.json").exists()
-            or (last.parent / "best.keras").exists()):
-        raise FileNotFoundError(f"cannot resume {run_dir}: it has trained (history.csv, "
-                                f"metrics.json or best.keras), but there is no checkpoint "
-                                f"at {last}")
-    # Otherwise a run stopped before its first checkpoint resumes from the start.
-    state = (checkpoint_state(last) if from_checkpoint
-             else {"epochs_completed": 0, "best_val_elbo": -np.inf, "best_epoch": 0})
-    if resume:
-        _check_resumed_config(saved, config, state["epochs_completed"])
+    resumed_from, state = _starting_point(run_dir, config, resume)
     chief = is_chief(strategy)
     if not chief:
         # Every worker of a multi-worker run saves (saving reads mirrored variables), but
@@ -328,7 +336,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     with strategy.scope():
-        model = (load_checkpoint(last) if from_checkpoint
+        model = (load_checkpoint(resumed_from) if resumed_from
                  else build_model(config, data.shape, steps))
     # One check of the whole data set, before anything trains: the per-batch checks in the
     # model are dropped when the step is XLA-compiled.
@@ -374,7 +382,7 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         return RunResult(model, run_dir, {}, None)
     # The run's model is its best checkpoint (by validation ELBO), as for `keras-vae
     # evaluate RUN`; without validation data, its last.
-    best = checkpoints / "best.keras"
+    best, last = checkpoints / "best.keras", checkpoints / "last.keras"
     model = load_checkpoint(best if best.is_file() else last)
     report, _ = evaluate(model, x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.seed)
     metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
