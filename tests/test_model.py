@@ -266,11 +266,13 @@ def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     """keras_vae's Dense and Conv2DTranspose give Keras's float32 outputs and gradients, in
     16 bits up to their rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
     which TensorFlow's BiasAddGrad, summing in bfloat16, would get about 90% wrong in
-    bfloat16, and its Sum would in float16."""
+    bfloat16, and its Sum would in float16. Linear, so that every tensor differs from float32
+    by 16-bit rounding alone (0.5% or less here): with a relu, units near 0 switch, and each
+    switch moves ∂loss/∂x by a whole kernel weight (2.0% in bf16 on an AVX2 CPU)."""
     from keras_vae import networks
 
-    ours = getattr(networks, name)(activation="relu", dtype=dtype, **kwargs)
-    reference = getattr(keras.layers, name)(activation="relu", dtype="float32", **kwargs)
+    ours = getattr(networks, name)(activation="linear", dtype=dtype, **kwargs)
+    reference = getattr(keras.layers, name)(activation="linear", dtype="float32", **kwargs)
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=input_shape), "float32")
     for layer in (ours, reference):
@@ -282,9 +284,8 @@ def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = tf.cast(layer(x), "float32")
-            loss = tf.reduce_sum(y)  # ∂loss/∂bias = the count of active units: all positive
+            loss = tf.reduce_sum(y)  # ∂loss/∂bias = the number of output positions
         results.append([y, *tape.gradient(loss, [x, layer.kernel, layer.bias])])
-    # Relative error of the whole tensor: in bf16 a unit near 0 may switch its relu.
-    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    tolerance = 1e-5 if dtype == "float32" else 1e-2  # relative error of the whole tensor
     for got, want in zip(*results):
         assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
