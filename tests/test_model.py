@@ -265,7 +265,7 @@ def test_check_data_names_the_problem(digits):
 def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     """keras_vae's Dense and Conv2DTranspose give Keras's float32 outputs and gradients, in
     16 bits up to their rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
-    which TensorFlow's BiasAddGrad, summing in bfloat16, would get about 90% wrong in
+    which TensorFlow's BiasAddGrad, summing in bfloat16, would get 90% or more wrong in
     bfloat16, and its Sum would in float16. Linear, so that every tensor differs from float32
     by 16-bit rounding alone (0.5% or less here): with a relu, units near 0 switch, and each
     switch moves ∂loss/∂x by a whole kernel weight (2.0% in bf16 on an AVX2 CPU)."""
