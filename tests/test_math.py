@@ -9,6 +9,7 @@ from scipy.special import expit
 from scipy.stats import multivariate_normal
 
 from keras_vae import VAE, Sampling, get_likelihood
+from keras_vae.export import SCORE_SAMPLES, SCORE_SEED, score_epsilon
 from keras_vae.likelihoods import LogitBernoulli
 
 tfd = tfp.distributions
@@ -229,6 +230,43 @@ def test_ppca_elbo_is_below_log_px_for_other_encoders(rng):
         elbo = model.elbo(x.astype("float32"), num_samples=4000, seed=trial).numpy()
         # The gap KL(q ‖ p(z|x)) is positive; the 4000-sample estimate is far from it.
         assert np.all(elbo < exact), (elbo - exact).max()
+
+
+@pytest.mark.parametrize("latent_dim", [LATENT, SCORE_SAMPLES // 2, SCORE_SAMPLES])
+def test_served_score_draws_match_the_first_two_moments_of_n01(latent_dim):
+    epsilon = score_epsilon(latent_dim).numpy()[:, 0, :].astype("float64")
+    assert epsilon.shape == (SCORE_SAMPLES, latent_dim)
+    np.testing.assert_allclose(epsilon.mean(0), 0.0, atol=1e-7)
+    second_moment = epsilon.T @ epsilon / SCORE_SAMPLES
+    if latent_dim <= SCORE_SAMPLES // 2:
+        np.testing.assert_allclose(second_moment, np.eye(latent_dim), atol=1e-6)
+    else:  # K/2 antithetic pairs span K/2 dimensions at most: the diagonal only
+        np.testing.assert_allclose(np.diag(second_moment), 1.0, atol=1e-6)
+
+
+def test_served_score_elbo_is_exact_for_a_linear_decoder(rng):
+    # With x̂ = zWᵀ + b, E_q[log p(x|z)] depends on the draws only through their first two
+    # moments: closed form −(‖x − μWᵀ − b‖² + Σ_j σ_j² ‖W_:j‖²)/(2σ²) − (D/2) log(2πσ²).
+    w, b = ppca(rng)
+    x = (rng.normal(size=(30, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(30, D)))
+    model = ppca_vae(w, b)
+    for head in (model.z_mean_head, model.z_log_var_head):  # q away from p(z|x)
+        kernel, bias = head.get_weights()
+        head.set_weights([kernel + rng.normal(scale=0.3, size=kernel.shape),
+                          bias + rng.normal(scale=0.3, size=bias.shape)])
+    x = x.astype("float32")
+    mu, log_var = (t.numpy().astype("float64") for t in model.encode_params(x))
+    var = np.exp(log_var)
+    expected_log_px_z = (-(((x - mu @ w.T - b) ** 2).sum(1) + var @ (w**2).sum(0))
+                         / (2 * SIGMA**2) - D / 2 * np.log(2 * np.pi * SIGMA**2))
+    kl = 0.5 * (var + mu**2 - 1 - log_var).sum(1)
+    served = model.score(x, SCORE_SAMPLES, epsilon=score_epsilon(LATENT))["elbo"].numpy()
+    np.testing.assert_allclose(served, expected_log_px_z - kl, atol=2e-4, rtol=1e-5)
+    # Plain normal draws of the same seed miss it by their second moment's error.
+    plain = tf.random.stateless_normal((SCORE_SAMPLES, 1, LATENT), seed=SCORE_SEED)
+    plain_error = model.score(x, SCORE_SAMPLES, epsilon=plain)["elbo"].numpy() - (
+        expected_log_px_z - kl)
+    assert np.abs(plain_error).mean() > 1e-2, np.abs(plain_error).mean()
 
 
 def _gradient_draws(estimator, beta, x, weights, draws):
