@@ -197,13 +197,26 @@ def ppca_vae(w, b, kl="analytic"):
     return model
 
 
+def ppca_data(rng, w, b, n):
+    """n draws x = Wz + b + σ·noise of the pPCA model."""
+    return rng.normal(size=(n, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(n, D))
+
+
+def move_encoder(model, rng):
+    """Adds N(0, 0.3²) noise to the μ and log σ² heads: q moves away from p(z|x)."""
+    for head in (model.z_mean_head, model.z_log_var_head):
+        kernel, bias = head.get_weights()
+        head.set_weights([kernel + rng.normal(scale=0.3, size=kernel.shape),
+                          bias + rng.normal(scale=0.3, size=bias.shape)])
+
+
 def ppca_log_px(x, w, b):
     return multivariate_normal(b, w @ w.T + SIGMA**2 * np.eye(D)).logpdf(x)
 
 
 def test_ppca_elbo_equals_log_px_at_exact_posterior(rng):
     w, b = ppca(rng)
-    x = (rng.normal(size=(50, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(50, D)))
+    x = ppca_data(rng, w, b, 50)
     exact = ppca_log_px(x, w, b)
     # At q = p(z|x), log p(x, z) − log q(z|x) = log p(x) for every z: with the Monte Carlo
     # KL even one draw gives log p(x) exactly.
@@ -219,14 +232,11 @@ def test_ppca_elbo_equals_log_px_at_exact_posterior(rng):
 
 def test_ppca_elbo_is_below_log_px_for_other_encoders(rng):
     w, b = ppca(rng)
-    x = (rng.normal(size=(20, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(20, D)))
+    x = ppca_data(rng, w, b, 20)
     exact = ppca_log_px(x, w, b)
     model = ppca_vae(w, b)
     for trial in range(3):
-        for head in (model.z_mean_head, model.z_log_var_head):
-            kernel, bias = head.get_weights()
-            head.set_weights([kernel + rng.normal(scale=0.3, size=kernel.shape),
-                              bias + rng.normal(scale=0.3, size=bias.shape)])
+        move_encoder(model, rng)
         elbo = model.elbo(x.astype("float32"), num_samples=4000, seed=trial).numpy()
         # The gap KL(q ‖ p(z|x)) is positive; the 4000-sample estimate is far from it.
         assert np.all(elbo < exact), (elbo - exact).max()
@@ -248,18 +258,13 @@ def test_served_score_elbo_is_exact_for_a_linear_decoder(rng):
     # With x̂ = zWᵀ + b, E_q[log p(x|z)] depends on the draws only through their first two
     # moments: closed form −(‖x − μWᵀ − b‖² + Σ_j σ_j² ‖W_:j‖²)/(2σ²) − (D/2) log(2πσ²).
     w, b = ppca(rng)
-    x = (rng.normal(size=(30, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(30, D)))
+    x = ppca_data(rng, w, b, 30).astype("float32")
     model = ppca_vae(w, b)
-    for head in (model.z_mean_head, model.z_log_var_head):  # q away from p(z|x)
-        kernel, bias = head.get_weights()
-        head.set_weights([kernel + rng.normal(scale=0.3, size=kernel.shape),
-                          bias + rng.normal(scale=0.3, size=bias.shape)])
-    x = x.astype("float32")
+    move_encoder(model, rng)
     mu, log_var = (t.numpy().astype("float64") for t in model.encode_params(x))
-    var = np.exp(log_var)
-    expected_log_px_z = (-(((x - mu @ w.T - b) ** 2).sum(1) + var @ (w**2).sum(0))
+    expected_log_px_z = (-(((x - mu @ w.T - b) ** 2).sum(1) + np.exp(log_var) @ (w**2).sum(0))
                          / (2 * SIGMA**2) - D / 2 * np.log(2 * np.pi * SIGMA**2))
-    kl = 0.5 * (var + mu**2 - 1 - log_var).sum(1)
+    kl = kl_formula(mu, log_var)
     served = model.score(x, SCORE_SAMPLES, epsilon=score_epsilon(LATENT))["elbo"].numpy()
     np.testing.assert_allclose(served, expected_log_px_z - kl, atol=2e-4, rtol=1e-5)
     # Plain normal draws of the same seed miss it by their second moment's error.
