@@ -1,20 +1,20 @@
-"""The ``keras-vae`` command: ``train``, ``evaluate``, ``export``, ``sample``."""
+"""The ``keras-vae`` command: ``train``, ``evaluate``, ``export``, ``sample``, ``config``."""
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from keras_vae import files
-from keras_vae.config import ConfigError, RunConfig, load_config_file
+from keras_vae.config import RunConfig, commented_yaml, flag_table, load_config_file
+from keras_vae.settings import ConfigError, choices_of
 
 
 def load_run_or_model(path):
     """(model, run config, run directory) from a run directory (its best checkpoint, else
     its last) or a ``.keras`` file; the config and directory are None for a ``.keras`` file
     outside a run's ``checkpoints/``."""
-    from keras_vae.train import load_checkpoint
+    from keras_vae.rundir import load_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -46,31 +46,44 @@ def _positive_int(text):
     return value
 
 
-def _flag(key):
-    return f"--{key.replace('_', '-')}"
-
-
 def _add_config_flags(parser):
-    for f in dataclasses.fields(RunConfig):
-        parser.add_argument(_flag(f.name), dest=f.name, default=None,
-                            metavar=f.name.upper(), help=f"(default: {f.default!r})")
+    """One flag per setting of ``RunConfig``, its help, default and choices from the
+    setting's declaration."""
+    for flag, (section, field) in flag_table().items():
+        choices = choices_of(field)
+        default = RunConfig().to_dict()[section][field.name]
+        parser.add_argument(
+            f"--{flag}", dest=f"{section}.{field.name}", default=None,
+            metavar=field.name.upper() if choices is None else None,
+            choices=None if choices is None else [str(c) for c in choices],
+            help=f"{field.metadata['help']} (default: {default!r}; section {section})")
+
+
+def _overrides(args):
+    """{section: {key: text}} of the config flags given on the command line."""
+    values = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, key = dest.split(".")
+            values.setdefault(section, {})[key] = value
+    return values
 
 
 def _cmd_train(args):
-    from keras_vae.train import saved_config, train
+    from keras_vae.rundir import saved_config
+    from keras_vae.run import train
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                 if getattr(args, f.name) is not None}
+    overrides = _overrides(args)
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its saved config; leave out "
                               "--config")
         run_dir = Path(args.resume)
-        config = RunConfig.from_dict(overrides, base=saved_config(run_dir))
+        base = saved_config(run_dir)
     else:
         run_dir = args.run_dir
-        base = RunConfig.from_dict(load_config_file(args.config)) if args.config else None
-        config = RunConfig.from_dict(overrides, base=base)
+        base = RunConfig.load(args.config) if args.config else RunConfig()
+    config = base.replace(overrides, from_text=True)
     result = train(config, run_dir=run_dir, resume=bool(args.resume),
                    verbose=0 if args.quiet else 1)
     if result.export_path is None:
@@ -88,7 +101,9 @@ def _cmd_evaluate(args):
 
     from keras_vae import data as datasets
     from keras_vae.evaluate import evaluate
-    from keras_vae.train import TEST_SET_FILE, evaluation_copy
+    from keras_vae import registry
+    from keras_vae.fitting import evaluation_copy
+    from keras_vae.rundir import TEST_SET_FILE
 
     model, config, run_dir = load_run_or_model(args.model)
     saved = None if run_dir is None else run_dir / TEST_SET_FILE
@@ -99,18 +114,19 @@ def _cmd_evaluate(args):
         if config is None and not args.data:
             raise ConfigError(f"{args.model} is not inside a run directory: name its data "
                               f"with --data")
-        overrides = {"likelihood": model.likelihood_name}
+        overrides = {"model": {"likelihood": registry.name_of("likelihood", model.likelihood)},
+                     "data": {}}
         if args.data:
-            overrides["data"] = args.data
+            overrides["data"]["data"] = args.data
         if args.binarize:
-            overrides["binarize"] = args.binarize
-        config = RunConfig.from_dict(overrides, base=config)
-        data = datasets.load(config.data, args.data_dir or config.data_dir)
+            overrides["data"]["binarize"] = args.binarize
+        config = (config or RunConfig()).replace(overrides)
+        data = datasets.load(config.data.data, args.data_dir or config.data.data_dir)
         model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
         x = evaluation_copy(config, data.x_test)
     x = x[: args.limit]
     report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
-    report["data"] = config.data
+    report["data"] = config.data.data
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
@@ -145,6 +161,10 @@ def _cmd_sample(args):
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="print a YAML config of every setting at its "
+                                 "default, with its help")
+    config.set_defaults(func=lambda args: print(commented_yaml(), end=""))
 
     train = commands.add_parser("train", help="train a VAE (flags override --config)")
     train.add_argument("--config", help="JSON or YAML config file")

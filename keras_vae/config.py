@@ -1,138 +1,107 @@
-"""One run's settings as a dataclass; read from JSON/YAML, overridden by flags, validated."""
+"""A training run's settings in four sections, read from JSON/YAML, overridden by flags.
+
+- ``data``: where the examples come from and how they are prepared (``DataConfig``);
+- ``model``: the model's settings (``ModelConfig``: ``VAEConfig``, ``NetworkConfig`` and
+  ``DistributionsConfig`` together);
+- ``training``: the optimizer, schedule and devices (``TrainingConfig``);
+- ``output``: what is written where (``OutputConfig``).
+
+A config file holds these sections as mappings (``keras-vae config`` prints one with every
+default and its help); every setting is also a flag of its own name (``--latent-dim``).
+No TensorFlow is imported here.
+"""
 
 import dataclasses
 import json
-import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from keras_vae import files
-from keras_vae.likelihoods import LIKELIHOODS, SIGMA_MODES
-from keras_vae.model import GRADIENT_ESTIMATORS, KL_ESTIMATORS, OBJECTIVES
-from keras_vae.networks import ARCHITECTURES, AUTOREGRESSIVE
+from keras_vae.model_config import DistributionsConfig, NetworkConfig, VAEConfig
+from keras_vae.settings import (
+    ConfigError,
+    coerce,
+    finite_positive,
+    positive,
+    setting,
+    unit_interval_open_right,
+    validate,
+)
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-BINARIZE = ("auto", "dynamic", "none")
 DATA_KINDS = ("digits", "tfds:", "npz:", "images:")
 
 
-class ConfigError(ValueError):
-    """A setting that is unknown or invalid; the message names the key."""
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they are prepared."""
+
+    data: str = setting(
+        "digits", "data source: digits (scikit-learn's 8×8 digits, offline), "
+        "tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]], npz:PATH (Keras layout) or images:DIR",
+        check=lambda v: v == "digits" or v.startswith(DATA_KINDS[1:]),
+        requirement=f"be one of {DATA_KINDS} (with its argument)")
+    data_dir: str | None = setting(None, "TFDS data_dir (prepared data, for offline use)")
+    binarize: str = setting(
+        "auto", "dynamic: a fresh x ~ Bernoulli(pixel) each epoch (the test set binarized "
+        "once, fixed seed); auto: dynamic for the Bernoulli likelihood; none",
+        choices=("auto", "dynamic", "none"))
+    validation_fraction: float = setting(
+        0.1, "the last part of the training set held out for validation and checkpoint "
+        "choice; 0: none", check=unit_interval_open_right, requirement="be in [0, 1)")
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines a training run (see README for each key)."""
+@dataclass(frozen=True)
+class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
+    """The model's settings: the network family (``NetworkConfig``), the likelihood, prior
+    and posterior (``DistributionsConfig``) and the objective (``VAEConfig``)."""
 
-    # data
-    data: str = "digits"  # digits | tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]] | npz:PATH | images:DIR
-    data_dir: str | None = None  # TFDS data_dir
-    binarize: str = "auto"  # auto: dynamic binarization for the Bernoulli likelihood
-    validation_fraction: float = 0.1  # held out of the training set; 0: no validation
-    # model
-    architecture: str = "mlp"
-    latent_dim: int = 8
-    hidden_units: tuple[int, ...] = (256, 128)
-    filters: tuple[int, ...] = (32, 64)
-    activation: str = "relu"
-    dropout: float = 0.0  # on the decoder's hidden units while training
-    likelihood: str = "bernoulli"
-    sigma: float = 1.0
-    learn_sigma: str = "none"
-    # objective
-    beta: float = 1.0
-    kl_warmup_epochs: float = 0.0
-    kl: str = "analytic"
-    objective: str = "elbo"
-    num_samples: int = 1
-    gradient_estimator: str = "reparam"  # reparam | dreg (IWAE only; see VAE)
-    # optimization
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    lr_decay_epochs: tuple[int, ...] = ()  # the epochs at which the learning rate drops
-    lr_decay_factor: float = 0.1  # ... by this factor each time
-    batch_size: int = 64
-    epochs: int = 40
-    early_stopping_patience: int = 0  # 0: off
-    seed: int = 0
-    # speed and scale
-    strategy: str = "default"  # mirrored: GPUs of one host; multi_worker: hosts (TF_CONFIG)
-    precision: str = "float32"  # mixed_float16 (GPUs) / mixed_bfloat16 (GPUs, AVX512_BF16 CPUs)
-    jit_compile: bool = False  # XLA for the train step
-    steps_per_execution: int = 1
-    # outputs
-    runs_dir: str = "runs"
-    export_dir: str = "saved_models"
-    export_name: str = "vae"
-    plots: bool = True
+    def rules(self):
+        return NetworkConfig.rules(self) + VAEConfig.rules(self)
 
-    def validate(self):
-        """Raises ConfigError naming the first invalid key."""
-        autoregressive = self.architecture in AUTOREGRESSIVE
-        checks = [
-            ("data", self.data == "digits" or self.data.startswith(DATA_KINDS[1:]),
-             f"must be one of {DATA_KINDS} (with its argument)"),
-            ("binarize", self.binarize in BINARIZE, f"must be one of {BINARIZE}"),
-            ("architecture", self.architecture in ARCHITECTURES,
-             f"must be one of {ARCHITECTURES}"),
-            ("likelihood", self.likelihood in LIKELIHOODS, f"must be one of {LIKELIHOODS}"),
-            ("likelihood", not autoregressive or self.likelihood == "bernoulli",
-             (f"must be 'bernoulli' for architecture {self.architecture!r} (a model of "
-              "binary data)")),
-            ("binarize", not autoregressive or self.binarize != "none",
-             (f"must binarize the data for architecture {self.architecture!r} (a model of "
-              "binary data)")),
-            ("hidden_units", not autoregressive or len(self.hidden_units) >= 1,
-             f"needs at least one width for architecture {self.architecture!r}"),
-            ("learn_sigma", self.learn_sigma in SIGMA_MODES, f"must be one of {SIGMA_MODES}"),
-            ("kl", self.kl in KL_ESTIMATORS, f"must be one of {KL_ESTIMATORS}"),
-            ("objective", self.objective in OBJECTIVES, f"must be one of {OBJECTIVES}"),
-            ("gradient_estimator", self.gradient_estimator in GRADIENT_ESTIMATORS,
-             f"must be one of {GRADIENT_ESTIMATORS}"),
-            ("gradient_estimator", self.gradient_estimator != "dreg" or self.objective == "iwae",
-             "'dreg' estimates the IWAE bound's gradient: it needs objective 'iwae'"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
-            ("strategy", self.strategy in STRATEGIES, f"must be one of {STRATEGIES}"),
-            ("precision", self.precision in PRECISIONS, f"must be one of {PRECISIONS}"),
-            ("steps_per_execution", self.steps_per_execution >= 1, "must be >= 1"),
-            # Keras's multi-step loop fails under tf.distribute with "You must feed a value
-            # for placeholder tensor" (keras-team/keras#19246, also for a plain Dense model).
-            ("steps_per_execution",
-             self.steps_per_execution == 1 or self.strategy == "default",
-             f"must be 1 with strategy {self.strategy!r} (keras-team/keras#19246)"),
-            ("latent_dim", self.latent_dim >= 1, "must be >= 1"),
-            ("num_samples", self.num_samples >= 1, "must be >= 1"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("sigma", 0 < self.sigma < math.inf, "must be finite and > 0"),
-            ("beta", 0 <= self.beta < math.inf, "must be finite and >= 0"),
-            ("kl_warmup_epochs", 0 <= self.kl_warmup_epochs < math.inf, "must be finite and >= 0"),
-            ("learning_rate", 0 < self.learning_rate < math.inf, "must be finite and > 0"),
-            ("lr_decay_epochs", all(a < b for a, b in
-                                    zip((0,) + self.lr_decay_epochs, self.lr_decay_epochs)),
-             "must be increasing epoch numbers > 0"),
-            ("lr_decay_factor", 0 < self.lr_decay_factor <= 1, "must be in (0, 1]"),
-            ("early_stopping_patience", self.early_stopping_patience >= 0, "must be >= 0"),
-            ("validation_fraction", 0 <= self.validation_fraction < 1, "must be in [0, 1)"),
-            ("early_stopping_patience",
-             not self.early_stopping_patience or self.validation_fraction > 0,
-             "needs validation data (validation_fraction > 0)"),
-            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("hidden_units", all(n >= 1 for n in self.hidden_units), "widths must be >= 1"),
-            ("filters", len(self.filters) >= 1 and all(n >= 1 for n in self.filters),
-             "needs at least one width, each >= 1"),
-            ("filters", self.architecture != "pixelcnn_made" or len(set(self.filters)) == 1,
-             "must be equal widths (residual layers) for architecture 'pixelcnn_made'"),
-        ]
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ConfigError(f"config key {key!r} {requirement}; got {getattr(self, key)!r}")
-        return self
+    def part(self, cls):
+        """The settings of ``cls`` (one of the three parts) as an instance of it."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the model is fitted."""
+
+    optimizer: str = setting("adam", "adam is keras_vae.FusedAdam (Keras's Adam update in "
+                             "fewer ops)", choices=("adam", "adamw", "rmsprop", "sgd"))
+    learning_rate: float = setting(1e-3, "learning rate of the first epoch",
+                                   check=finite_positive, requirement="be finite and > 0")
+    lr_decay_epochs: tuple[int, ...] = setting(
+        (), "the (0-based) epochs at which the learning rate is multiplied by "
+        "lr_decay_factor", check=lambda v: all(a < b for a, b in zip((0,) + v, v)),
+        requirement="be increasing epoch numbers > 0")
+    lr_decay_factor: float = setting(0.1, "factor of each learning-rate decay",
+                                     check=lambda v: 0 < v <= 1, requirement="be in (0, 1]")
+    batch_size: int = setting(64, "examples per step (the global batch under a strategy)",
+                              check=positive, requirement="be >= 1")
+    epochs: int = setting(40, "epochs to train in all (a resumed run may extend it)",
+                          check=positive, requirement="be >= 1")
+    early_stopping_patience: int = setting(
+        0, "stop when the validation ELBO has not improved for this many epochs; 0: off",
+        check=lambda v: v >= 0, requirement="be >= 0")
+    strategy: str = setting("default", "mirrored: the GPUs of one host; multi_worker: several "
+                            "hosts (TF_CONFIG)", choices=("default", "mirrored", "multi_worker"))
+    precision: str = setting("float32", "dtype policy of the networks: mixed_float16 (GPUs), "
+                             "mixed_bfloat16 (GPUs, CPUs with AVX512_BF16)",
+                             choices=("float32", "mixed_float16", "mixed_bfloat16"))
+    jit_compile: bool = setting(False, "XLA-compile the train step")
+    steps_per_execution: int = setting(
+        1, "train steps per call of the compiled function; must divide an epoch's steps",
+        check=positive, requirement="be >= 1")
+
+    def rules(self):
+        # Keras's multi-step loop fails under tf.distribute with "You must feed a value for
+        # placeholder tensor" (keras-team/keras#19246, also for a plain Dense model).
+        return [("steps_per_execution",
+                 self.steps_per_execution == 1 or self.strategy == "default",
+                 f"must be 1 with strategy {self.strategy!r} (keras-team/keras#19246)")]
 
     def learning_rate_at(self, epoch):
         """The learning rate of (0-based) epoch ``epoch``: learning_rate · lr_decay_factorⁿ,
@@ -140,64 +109,110 @@ class RunConfig:
         drops = sum(e <= epoch for e in self.lr_decay_epochs)
         return float(self.learning_rate * self.lr_decay_factor**drops)
 
-    def to_dict(self):
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, values, base=None):
-        """A config from ``base`` (default: the defaults) with ``values`` applied and checked."""
-        base = base or cls()
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        updates = {}
-        for key, value in values.items():
-            if key not in fields:
+@dataclass(frozen=True)
+class OutputConfig:
+    """What a run writes, and where."""
+
+    runs_dir: str = setting("runs", "folder of the run directories <time>-<data>")
+    export_dir: str = setting("saved_models", "folder of the SavedModels (NAME/VERSION/)")
+    export_name: str = setting("vae", "the SavedModel's model name (TF Serving's)")
+    plots: bool = setting(True, "write the run's figures (plots/*.png)")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
+            "output": OutputConfig}
+# What a resumed run may change: how long it trains, the learning rates of the epochs it
+# has not trained yet, and what it writes after training.
+RESUMABLE = {"training": ("epochs", "lr_decay_epochs", "lr_decay_factor"),
+             "output": ("plots", "export_dir", "export_name")}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run, by section."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+    def validate(self):
+        """Checks every section and the rules between sections; raises ConfigError naming
+        the first invalid key, else returns the config."""
+        for name in SECTIONS:
+            validate(getattr(self, name))
+        autoregressive = self.model.autoregressive
+        rules = [
+            ("binarize", not autoregressive or self.data.binarize != "none", self.data,
+             (f"must binarize the data for architecture {self.model.architecture!r} (a "
+             f"model of binary data)")),
+            ("early_stopping_patience",
+             not self.training.early_stopping_patience or self.data.validation_fraction > 0,
+             self.training, "needs validation data (validation_fraction > 0)"),
+        ]
+        for key, ok, section, requirement in rules:
+            if not ok:
                 raise ConfigError(
-                    f"unknown config key {key!r}; known keys: {', '.join(fields)}")
-            updates[key] = coerce(key, value, fields[key].type)
-        return dataclasses.replace(base, **updates).validate()
+                    f"config key {key!r} {requirement}; got {getattr(section, key)!r}")
+        return self
+
+    def to_dict(self):
+        """{section: {key: value}}, tuples as lists (JSON and YAML)."""
+        return {name: {key: list(value) if isinstance(value, tuple) else value
+                       for key, value in dataclasses.asdict(getattr(self, name)).items()}
+                for name in SECTIONS}
+
+    def replace(self, values, from_text=False):
+        """A checked copy with ``values`` {section: {key: value}} applied; unknown sections
+        and keys, and values of the wrong type, are refused with their names."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of the sections "
+                              f"{', '.join(SECTIONS)}; got {values!r}")
+        sections = {}
+        for name, updates in values.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"unknown config section {name!r}; the sections are "
+                                  f"{', '.join(SECTIONS)}")
+            if not isinstance(updates, dict):
+                raise ConfigError(f"config section {name!r} must be a mapping of keys to "
+                                  f"values; got {updates!r}")
+            fields = {f.name: f for f in dataclasses.fields(SECTIONS[name])}
+            for key in updates:
+                if key not in fields:
+                    raise ConfigError(f"unknown config key {key!r} in section {name!r}; "
+                                      f"its keys: {', '.join(fields)}")
+            sections[name] = dataclasses.replace(
+                getattr(self, name),
+                **{key: coerce(key, value, fields[key].type, from_text)
+                   for key, value in updates.items()})
+        return dataclasses.replace(self, **sections).validate()
 
     def save(self, path):
         files.write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path):
-        """The config ``save`` wrote to ``path`` (a run's ``config.json``), checked."""
-        return cls.from_dict(load_config_file(path))
+        """The config of a JSON or YAML file (a run's ``config.json``, or a config file),
+        over the defaults, checked."""
+        return cls().replace(load_config_file(path))
 
 
-def coerce(key, value, annotation):
-    """Turns a JSON/YAML value or a command-line string into the field's type."""
-    optional = type(None) in typing.get_args(annotation)
-    kind = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional \
-        else annotation
-    kind = typing.get_origin(kind) or kind
-    try:
-        if value is None or (optional and value in ("", "none", "None")):
-            if optional:
-                return None
-            raise TypeError("null is not allowed")
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [v for v in value.replace(" ", "").split(",") if v]
-            return tuple(int(v) for v in value)
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(
-            f"config key {key!r} must be of type {getattr(kind, '__name__', kind)}; "
-            f"got {value!r}") from error
+def flag_table():
+    """{flag name: (section, field)} for every setting; the flag is the field's name with
+    dashes (or its ``flag`` metadata)."""
+    table = {}
+    for name, cls in SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            flag = field.metadata.get("flag") or field.name.replace("_", "-")
+            if flag in table:
+                raise RuntimeError(f"two settings share the flag --{flag}")
+            table[flag] = (name, field)
+    return table
 
 
 def load_config_file(path):
-    """The key/value mapping of a JSON or YAML config file."""
+    """The mapping of a JSON or YAML config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -207,6 +222,23 @@ def load_config_file(path):
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"config file {path} is not valid JSON/YAML: {error}") from error
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
     return values
 
+
+def commented_yaml():
+    """A YAML config of every setting at its default, each with its help as a comment."""
+    lines = ["# keras-vae run config: every setting at its default (keras-vae config)."]
+    defaults = RunConfig().to_dict()
+    for name, cls in SECTIONS.items():
+        lines += ["", f"{name}:"]
+        for field in dataclasses.fields(cls):
+            value = yaml.safe_dump(defaults[name][field.name], default_flow_style=True,
+                                   width=1000).strip()
+            value = value.removesuffix("\n...").removesuffix(" ...")
+            choices = field.metadata.get("choices")
+            if choices is not None:
+                choices = choices() if callable(choices) else choices
+            extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
+            lines.append(f"  {field.name}: {value}  # {field.metadata['help']}{extra}")
+    return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x):
     log p̂_K(x) = log (1/K) Σ_k w_k        (E[log p̂_K] ≤ log p(x), → log p(x) as K → ∞)
-    ELBO(x)    = (1/K) Σ_k log p_θ(x|z_k) − KL(q_φ(z|x) ‖ p(z))
+    ELBO(x)    = (1/K) Σ_k log p_θ(x|z_k) − KL(q_φ(z|x) ‖ p(z))   (KL in closed form, or
+                 (1/K) Σ_k log q_φ(z_k|x) − log p(z_k) where it has none)
     gap(x)     = log p̂_K(x) − ELBO(x)     (estimates KL(q_φ(z|x) ‖ p_θ(z|x)))
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
 ``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, seeded by
@@ -17,6 +18,7 @@ import tensorflow as tf
 from scipy.special import logsumexp
 
 from keras_vae import data as datasets
+from keras_vae.likelihoods import BernoulliLikelihood
 
 
 def k_ladder(num_samples):
@@ -33,6 +35,7 @@ class _Accumulator:
         self.lse_w2 = np.full(n, -np.inf)  # log Σ w_k²
         self.sum_ll = np.zeros(n)  # Σ log p(x|z_k)
         self.sum_ll2 = np.zeros(n)  # Σ (log p(x|z_k))²
+        self.sum_log_ratio = np.zeros(n)  # Σ log q(z_k|x) − log p(z_k)
         self.count = 0
 
     def add(self, log_w, log_px_z):
@@ -41,6 +44,7 @@ class _Accumulator:
         self.lse_w2 = np.logaddexp(self.lse_w2, logsumexp(2 * log_w, axis=0))
         self.sum_ll += log_px_z.sum(0)
         self.sum_ll2 += (log_px_z**2).sum(0)
+        self.sum_log_ratio += (log_px_z - log_w).sum(0)
         self.count += log_w.shape[0]
 
     def log_px(self):
@@ -94,7 +98,10 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         mean_ll = acc.sum_ll / k
         var_ll = np.maximum(acc.sum_ll2 / k - mean_ll**2, 0.0) * k / max(k - 1, 1)
         log_px, log_px_se = acc.log_px()
-        out["elbo"].append(mean_ll - np.float64(kl.numpy()))
+        # The closed-form KL where the prior and posterior have one, else its Monte Carlo
+        # estimate from the same draws.
+        kl = acc.sum_log_ratio / k if kl is None else np.float64(kl.numpy())
+        out["elbo"].append(mean_ll - kl)
         out["elbo_se"].append(np.sqrt(var_ll / k))
         out["log_px"].append(log_px)
         out["log_px_se"].append(log_px_se)
@@ -127,7 +134,7 @@ def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0)
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},
         "bits_per_dim": (-log_px["mean"] / (dims * math.log(2))
-                         if model.likelihood_name == "bernoulli" else None),
+                         if isinstance(model.likelihood, BernoulliLikelihood) else None),
         "seconds": seconds,
     }
     return report, scores

@@ -1,12 +1,12 @@
 """SavedModel export in TF Serving's layout: ``EXPORT_DIR/NAME/VERSION/``.
 
 Signatures (every input has a leading batch dimension, so TF Serving's row format works):
-- ``serving_default``: x → reconstruction, z_mean, z_log_var
-- ``encode``:  x → z_mean, z_log_var
+- ``serving_default``: x → reconstruction and the posterior's parameters (z_mean, z_log_var)
+- ``encode``:  x → the posterior's parameters (z_mean, z_log_var for the diagonal Gaussian)
 - ``decode``:  z → mean (probabilities for Bernoulli) and the likelihood's parameters
                (``logits``, or ``loc`` and ``scale``), each of the data's shape; for an
                autoregressive decoder, along the greedy path x_d = 1[p(x_d | x_<d, z) > ½]
-- ``sample``:  seed (int64, one per row) → z ~ N(0, I) drawn statelessly from the seed, and
+- ``sample``:  seed (int64, one per row) → z ~ p(z) drawn statelessly from the seed, and
                the mean E[x | z] (autoregressive: along a draw x ~ p_θ(x|z), its noise
                from the same seed); the same seed always gives the same row
 - ``score``:   x → elbo and log_px (nats), from SCORE_SAMPLES fixed draws ε_k shared by all
@@ -61,19 +61,18 @@ def serving_functions(model):
     # Signature calls do not check shapes; a wrong one must fail here, with the expected
     # shape in the message, rather than deep inside a matmul.
     def checked_x(x):
-        return model._checked(tf.ensure_shape(x, x_spec.shape))
+        return model.validated(tf.ensure_shape(x, x_spec.shape))
 
     @tf.function(input_signature=[x_spec])
     def serving_default(x):
         x = checked_x(x)
-        z_mean, z_log_var = model.encode_params(x)
-        return {"reconstruction": model.decode(z_mean, x).mean(), "z_mean": z_mean,
-                "z_log_var": z_log_var}
+        params = model.encode_params(x)
+        return {"reconstruction": model.decode(model.posterior.mean(params), x).mean(),
+                **params}
 
     @tf.function(input_signature=[x_spec])
     def encode(x):
-        z_mean, z_log_var = model.encode_params(checked_x(x))
-        return {"z_mean": z_mean, "z_log_var": z_log_var}
+        return model.encode_params(checked_x(x))
 
     def decoded(z, noise=None):
         likelihood = model.decode(z, noise=noise)
@@ -93,9 +92,12 @@ def serving_functions(model):
         return tf.map_fn(lambda s: draw(shape, seed=tf.stack([s, stream])), seed,
                          fn_output_signature=tf.float32)
 
+    def draw_prior(shape, seed):
+        return model.prior.distribution().sample(seed=tf.cast(seed, tf.int32))
+
     @tf.function(input_signature=[seed_spec])
     def sample(seed):
-        z = per_row(tf.random.stateless_normal, (model.latent_dim,), seed, 0)
+        z = per_row(draw_prior, (model.latent_dim,), seed, 0)
         noise = None
         if model.autoregressive:
             noise = per_row(tf.random.stateless_uniform, model.data_shape, seed, 1)

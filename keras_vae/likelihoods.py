@@ -15,26 +15,30 @@ every data element and gives nats per example.
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
 
+from keras_vae import registry
+from keras_vae.model_config import DistributionsConfig
+from keras_vae.settings import validate
+
 tfd = tfp.distributions
 
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
-SIGMA_MODES = ("none", "shared", "per_pixel")
-
-
 class Likelihood(keras.layers.Layer):
-    """Base class: ``distribution(params)`` → p_θ(x|z); ``check_support(x)`` → assertions.
+    """Base class: ``distribution(params)`` → p_θ(x|z); ``support``: the interval x lies in
+    (None: all reals), checked per batch by ``check_support`` and on whole arrays by
+    ``check_array``.
 
     ``needs_float32_params``: whether the decoder's output layer must compute the params in
     float32 under a mixed dtype policy. Otherwise it computes them in 16 bits, as every
     other layer does, and ``distribution`` casts them to float32: for logits that costs
-    little, since the 16-bit hidden units already set most of their error (README, "bf16").
+    little, since the 16-bit hidden units already set most of their error (docs/benchmarks.md).
     """
 
     needs_float32_params = False
+    support = None
 
     def build(self, data_shape):
         self.event_ndims = len(data_shape)
@@ -43,28 +47,40 @@ class Likelihood(keras.layers.Layer):
     def _independent(self, base):
         return tfd.Independent(base, reinterpreted_batch_ndims=self.event_ndims)
 
+    def _support_message(self):
+        low, high = self.support
+        return f"the {self.name} likelihood needs data in [{low}, {high}]"
+
     def check_support(self, x):
-        """Raises (in graph or eager mode) unless every x is a value p(x|z) can take.
+        """Assertions (in graph or eager mode) that every x is a value p(x|z) can take.
 
         Each condition is reduced to one scalar before it is asserted: these checks run on
         every training batch, and reductions cost half as much as elementwise assertions.
         """
         # x·0 is NaN exactly where x is NaN or ±inf, and a sum of zeros cannot overflow.
         all_finite = tf.math.is_finite(tf.reduce_sum(x * ops.cast(0, x.dtype)))
-        return [_assert(all_finite, "keras_vae: the data contains NaN or inf")]
+        checks = [_assert(all_finite, "keras_vae: the data contains NaN or inf")]
+        if self.support is not None:
+            low, high = (ops.cast(bound, x.dtype) for bound in self.support)
+            message = f"keras_vae: {self._support_message()}"
+            checks += [_assert(tf.reduce_min(x) >= low, message),
+                       _assert(tf.reduce_max(x) <= high, message)]
+        return checks
+
+    def check_array(self, x):
+        """Raises ValueError naming the problem unless every value of the NumPy array x is
+        finite and in ``support``."""
+        if not np.isfinite(x).all():
+            raise ValueError("the data contains NaN or inf")
+        if self.support is not None and x.size:
+            low, high = self.support
+            if x.min() < low or x.max() > high:
+                raise ValueError(f"{self._support_message()}; got values in "
+                                 f"[{x.min():g}, {x.max():g}]")
 
 
 def _assert(condition, message):
     return tf.debugging.Assert(condition, [message])
-
-
-class _UnitIntervalLikelihood(Likelihood):
-    def check_support(self, x):
-        message = f"keras_vae: the {self.name} likelihood needs data in [0, 1]"
-        return super().check_support(x) + [
-            _assert(tf.reduce_min(x) >= ops.cast(0, x.dtype), message),
-            _assert(tf.reduce_max(x) <= ops.cast(1, x.dtype), message),
-        ]
 
 
 class LogitBernoulli(tfd.Bernoulli):
@@ -85,8 +101,10 @@ class LogitBernoulli(tfd.Bernoulli):
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
-class BernoulliLikelihood(_UnitIntervalLikelihood):
+class BernoulliLikelihood(Likelihood):
     """p(x|z) = Π Bernoulli(x_i; sigmoid ℓ_i); the decoder outputs logits ℓ."""
+
+    support = (0, 1)
 
     def __init__(self, name="bernoulli", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -97,8 +115,10 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
-class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
+class ContinuousBernoulliLikelihood(Likelihood):
     """p(x|z) = Π CB(x_i; λ_i) with logits ℓ = logit λ; normalized density on [0, 1]."""
+
+    support = (0, 1)
 
     def __init__(self, name="continuous_bernoulli", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -122,13 +142,7 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, sigma=1.0, learn_sigma="none", name="gaussian", **kwargs):
         super().__init__(name=name, **kwargs)
-        if not 0 < sigma < math.inf:
-            raise ValueError(f"The Gaussian likelihood needs a finite sigma > 0; got "
-                             f"sigma={sigma}.")
-        if learn_sigma not in SIGMA_MODES:
-            raise ValueError(
-                f"Unknown learn_sigma {learn_sigma!r}; expected one of {SIGMA_MODES}."
-            )
+        validate(DistributionsConfig(likelihood="gaussian", sigma=sigma, learn_sigma=learn_sigma))
         self.sigma = float(sigma)
         self.learn_sigma = learn_sigma
 
@@ -158,12 +172,9 @@ class GaussianLikelihood(Likelihood):
         return {**super().get_config(), "sigma": self.sigma, "learn_sigma": self.learn_sigma}
 
 
-def get_likelihood(name, sigma=1.0, learn_sigma="none"):
-    """The likelihood layer for ``name`` (one of ``LIKELIHOODS``)."""
-    if name == "bernoulli":
-        return BernoulliLikelihood()
-    if name == "continuous_bernoulli":
-        return ContinuousBernoulliLikelihood()
-    if name == "gaussian":
-        return GaussianLikelihood(sigma=sigma, learn_sigma=learn_sigma)
-    raise ValueError(f"Unknown likelihood {name!r}; expected one of {LIKELIHOODS}.")
+def from_config(config):
+    """The likelihood layer that a ``DistributionsConfig`` names."""
+    cls = registry.load("likelihood", config.likelihood)
+    if cls is GaussianLikelihood:
+        return cls(sigma=config.sigma, learn_sigma=config.learn_sigma)
+    return cls()

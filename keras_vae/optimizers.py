@@ -4,6 +4,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from keras_vae.compat import adam_slots
+
 
 @keras.saving.register_keras_serializable(package="keras_vae")
 class FusedAdam(keras.optimizers.Adam):
@@ -24,16 +26,16 @@ class FusedAdam(keras.optimizers.Adam):
         dtype = variable.dtype
         step = ops.cast(self.iterations + 1, dtype)
         beta_1, beta_2 = ops.cast(self.beta_1, dtype), ops.cast(self.beta_2, dtype)
-        index = self._get_variable_index(variable)
+        m, v, v_hat = adam_slots(self, variable)
         apply, extra = tf.raw_ops.ResourceApplyAdam, {}
         if self.amsgrad:
             apply = tf.raw_ops.ResourceApplyAdamWithAmsgrad
-            extra = {"vhat": self._velocity_hats[index].handle}
+            extra = {"vhat": v_hat.handle}
         apply(
             **extra,
             var=variable.handle,
-            m=self._momentums[index].handle,
-            v=self._velocities[index].handle,
+            m=m.handle,
+            v=v.handle,
             beta1_power=ops.power(beta_1, step),
             beta2_power=ops.power(beta_2, step),
             lr=ops.cast(learning_rate, dtype),

@@ -1,16 +1,16 @@
-"""PNG figures of a run: loss curves, reconstructions, prior samples, the latent space."""
+"""PNG figures of a run: loss curves, reconstructions, prior samples, the latent space.
 
-import matplotlib
+Each figure is a standalone ``matplotlib.figure.Figure`` rendered straight to its file, so
+drawing needs no display, never touches ``pyplot`` and leaves the user's backend as it was.
+"""
 
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from scipy.stats import norm
 
 
 def _save(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def _tile(images, columns, pad=1):
@@ -41,7 +41,8 @@ def _show(ax, images, columns, title):
 
 def loss_curves(history, path):
     """Train and validation curves of loss, reconstruction and KL (nats per example)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig = Figure(figsize=(13, 3.5))
+    axes = fig.subplots(1, 3)
     for ax, key in zip(axes, ("loss", "reconstruction_loss", "kl_loss")):
         epochs = np.arange(1, len(history[key]) + 1)
         ax.plot(epochs, history[key], label="train")
@@ -56,7 +57,8 @@ def loss_curves(history, path):
 
 def reconstructions(x, x_hat, path, count=16):
     """Test inputs (top) above their reconstructions E[x | z = μ_φ(x)] (bottom)."""
-    fig, axes = plt.subplots(2, 1, figsize=(count * 0.6, 1.8))
+    fig = Figure(figsize=(count * 0.6, 1.8))
+    axes = fig.subplots(2, 1)
     _show(axes[0], x[:count], count, "inputs")
     _show(axes[1], x_hat[:count], count, "reconstructions")
     _save(fig, path)
@@ -64,7 +66,8 @@ def reconstructions(x, x_hat, path, count=16):
 
 def samples(images, path, columns=8):
     """E[x | z] for z ~ p(z)."""
-    fig, ax = plt.subplots(figsize=(columns * 0.8, len(images) / columns * 0.8 + 0.4))
+    fig = Figure(figsize=(columns * 0.8, len(images) / columns * 0.8 + 0.4))
+    ax = fig.subplots()
     _show(ax, images, columns, "samples from the prior")
     _save(fig, path)
 
@@ -80,7 +83,8 @@ def latent_scatter(z_mean, labels, path):
     else:
         points = z_mean if dims == 2 else PCA(2).fit_transform(z_mean)
         names = ("z 1", "z 2") if dims == 2 else ("PC 1", "PC 2")
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels,
                          cmap=None if labels is None else "tab10", s=6)
     if labels is not None:
@@ -95,6 +99,7 @@ def manifold(decode_mean, path, count=15):
     """For a 2-D latent: E[x | z] on a grid of z at the prior's quantiles 0.05..0.95."""
     grid = norm.ppf(np.linspace(0.05, 0.95, count))
     z = np.array([[z1, z2] for z2 in grid[::-1] for z1 in grid], "float32")
-    fig, ax = plt.subplots(figsize=(8, 8))
+    fig = Figure(figsize=(8, 8))
+    ax = fig.subplots()
     _show(ax, decode_mean(z), count, "decoded latent manifold")
     _save(fig, path)

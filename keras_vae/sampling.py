@@ -91,3 +91,21 @@ class Sampling(SavesSeedState, keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class SeedStream(SavesSeedState, keras.layers.Layer):
+    """A stream of stateless seeds (int32, shape [2]) from a ``SeedGenerator`` whose state is
+    saved with the model: TFP's ``sample(seed=...)`` takes them, and a seeded stream gives
+    the same draws after a save and reload."""
+
+    def __init__(self, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def next(self):
+        return tf.cast(self.seed_generator.next(), tf.int32)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

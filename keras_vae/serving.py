@@ -3,14 +3,15 @@
 Inputs are dicts of NumPy arrays keyed by the signature's input names (``x``, ``z`` or
 ``seed``), each with a leading batch dimension; responses come back as dicts of arrays keyed
 by output name. See ``saved_models/README.md`` for the server side.
+
+Importing this module needs only the standard library and NumPy: the REST client uses JSON
+over ``urllib``; the gRPC functions import TensorFlow and ``tensorflow_serving`` when called.
 """
 
 import json
 import urllib.request
 
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 
 def rest_request(signature, inputs, row_format=True):
@@ -21,10 +22,12 @@ def rest_request(signature, inputs, row_format=True):
     """
     arrays = {name: np.asarray(value) for name, value in inputs.items()}
     if row_format:
-        sizes = {len(a) for a in arrays.values()}
-        if len(sizes) != 1:
-            raise ValueError(f"row format needs equal batch sizes; got {sizes}")
-        (size,) = sizes
+        sizes = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            got = ", ".join(f"{name}: {'scalar' if size is None else size}"
+                            for name, size in sizes.items()) or "no inputs"
+            raise ValueError(f"row format needs equal batch sizes; got {got}")
+        (size,) = set(sizes.values())
         instances = [{name: a[i].tolist() for name, a in arrays.items()} for i in range(size)]
         return {"signature_name": signature, "instances": instances}
     return {"signature_name": signature,
@@ -57,6 +60,9 @@ def predict_rest(url, signature, inputs, row_format=True, timeout=30):
 
 def grpc_request(model_name, signature, inputs, version=None):
     """A ``PredictRequest`` for ``PredictionService/Predict``."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature
@@ -69,11 +75,15 @@ def grpc_request(model_name, signature, inputs, version=None):
 
 def parse_grpc_response(response):
     """Arrays by output name from a ``PredictResponse``."""
+    import tensorflow as tf
+
     return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
 
 
 def predict_grpc(channel, model_name, signature, inputs, version=None, timeout=30):
     """Calls ``Predict`` over a ``grpc.Channel`` (e.g. ``grpc.insecure_channel("host:8500")``)."""
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     response = stub.Predict(grpc_request(model_name, signature, inputs, version),
                             timeout=timeout)

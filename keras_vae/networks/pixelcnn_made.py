@@ -1,0 +1,99 @@
+"""The PixelCNN + MADE family: the MADE decoder plus masked convolutions of x_<d (a small
+PixelCNN) for single-channel images."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_vae.networks import mlp
+from keras_vae.networks.layers import add_bias
+from keras_vae.networks.made import MADEDecoder
+
+
+def pixelcnn_mask(shape, include_center):
+    """The mask of a k×k convolution kernel of ``shape`` (k, k, in, out) whose output at
+    pixel i reads pixels before i in raster order (rows above, and the same row to the
+    left), and pixel i itself only if ``include_center``: 1 for the allowed taps, 0 for the
+    others."""
+    mask = np.zeros(shape, "float32")
+    center = shape[0] // 2
+    mask[:center] = 1.0
+    mask[center, :center + int(include_center)] = 1.0
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class PixelCNNMADEDecoder(MADEDecoder):
+    """A ``MADEDecoder`` whose logits also read masked convolutions of the image (a
+    PixelCNN, van den Oord et al., 2016), for single-channel H×W images:
+
+        ℓ = MADE(x, z) + w_o · g_L(x),   g_0 = relu(A ⋆ x + c_0),
+        g_l = g_{l−1} + relu(B_l ⋆ g_{l−1} + c_l)   (l = 1..L),
+
+    A a 7×7 kernel that reads, at pixel d, the pixels before d in raster order only (mask
+    type A), B_l 3×3 kernels that also read pixel d's own features (type B), which depend
+    on x_<d only; so g_L(x)_d and ℓ_d read x_<d only and p_θ(x|z) stays normalized. The
+    convolutions see the neighbourhood of each pixel; the MADE carries z and the dependence
+    on pixels far away. g_L does not depend on z: it is computed once per example for all
+    the samples of z in one call, not once per sample. ``filters`` are the widths of
+    g_0..g_L (equal, for the residual sum); w_o starts at zero, so the model begins as the
+    MADE alone.
+    """
+
+    def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
+                 dropout=0.0, seed=None, filters=(32, 32, 32, 32, 32), **kwargs):
+        super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed,
+                         **kwargs)
+        self.filters = tuple(int(n) for n in filters)
+        if len(self.data_shape) != 3 or self.data_shape[-1] != 1:
+            raise ValueError(
+                f"Architecture 'pixelcnn_made' models single-channel images of shape "
+                f"(height, width, 1); got data_shape={self.data_shape}.")
+        if not self.filters or len(set(self.filters)) != 1:
+            raise ValueError(
+                f"Architecture 'pixelcnn_made' needs one or more equal convolution widths "
+                f"(residual layers); got filters={self.filters}.")
+
+    def build(self, z_shape=None, x_shape=None):
+        super().build()
+        width = self.filters[0]
+        self.conv_kernels, self.conv_biases = [], []
+        for i in range(len(self.filters)):
+            size, channels_in = (7, 1) if i == 0 else (3, width)
+            self.conv_kernels.append(self.add_weight(
+                (size, size, channels_in, width), initializer="he_normal",
+                name=f"conv_kernel_{i}"))
+            self.conv_biases.append(self.add_weight((width,), initializer="zeros",
+                                                    name=f"conv_bias_{i}"))
+        self.pixel_head = self.add_weight((width, 1), initializer="zeros", name="pixel_head")
+
+    def call(self, z, x, training=False):
+        logits = super().call(z, x, training)
+        features = ops.cast(ops.reshape(x, (-1,) + self.data_shape), self.compute_dtype)
+        for i, (kernel, bias) in enumerate(zip(self.conv_kernels, self.conv_biases)):
+            # The rows of a k×k kernel below its centre are all masked: convolving with
+            # its top c + 1 rows over x padded by c above (c = k // 2) and none below
+            # gives the same "same"-padded result for (c + 1)/k of the multiplies.
+            c = kernel.shape[0] // 2
+            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[:c + 1]
+            padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
+            update = ops.relu(add_bias(
+                ops.conv(padded, kernel[:c + 1] * ops.cast(mask, kernel.dtype), padding="valid"),
+                bias))
+            features = update if i == 0 else features + update
+        pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
+        # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
+        return logits + pixel_logits
+
+    def get_config(self):
+        return {**super().get_config(), "filters": list(self.filters)}
+
+
+
+
+def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
+    """(MLP encoder, PixelCNN + MADE decoder) of ``config``."""
+    decoder = PixelCNNMADEDecoder(data_shape, latent_dim, tuple(reversed(config.hidden_units)),
+                                  config.activation, config.dropout, seed, config.filters,
+                                  dtype=dtype, name="decoder_network")
+    return mlp.encoder(data_shape, config.hidden_units, config.activation, dtype), decoder

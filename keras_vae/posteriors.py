@@ -1,0 +1,59 @@
+"""Posteriors q_φ(z|x): from the encoder's features to a distribution over z.
+
+A posterior is a Keras layer with:
+- ``build(features_shape, latent_dim)``, called by the model;
+- ``call(features)``: its parameters, a dict of float32 tensors [batch, …] (what the
+  ``encode`` signature serves);
+- ``distribution(params)``: q_φ(z|x) as a TFP distribution, batch shape [batch], event
+  shape [d], with ``log_prob``;
+- ``sample(params, num_samples, seed=None, epsilon=None)``: reparameterized draws
+  z [K, batch, d], differentiable in φ; ``epsilon`` [K, batch or 1, d] fixes the base noise;
+- ``mean(params)``: the point z at which the model reconstructs x;
+- ``analytic_kl``: whether KL(q ‖ p) has a closed form for the priors that have one.
+"""
+
+import keras
+import tensorflow_probability as tfp
+from keras import ops
+
+from keras_vae.networks.layers import Dense
+from keras_vae.sampling import Sampling
+
+tfd = tfp.distributions
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class DiagonalGaussian(keras.layers.Layer):
+    """q_φ(z|x) = N(μ_φ(x), diag σ²_φ(x)), μ and log σ² linear in the encoder's features;
+    z = μ + σ ⊙ ε by the ``Sampling`` layer (seeded by ``seed``)."""
+
+    analytic_kl = True
+
+    def __init__(self, seed=None, name="posterior", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.seed = seed
+        self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
+
+    def build(self, features_shape, latent_dim):
+        self.z_mean_head = Dense(latent_dim, name="z_mean", dtype=self.dtype_policy)
+        self.z_log_var_head = Dense(latent_dim, name="z_log_var", dtype=self.dtype_policy)
+        self.z_mean_head.build(features_shape)
+        self.z_log_var_head.build(features_shape)
+
+    def call(self, features):
+        return {"z_mean": ops.cast(self.z_mean_head(features), "float32"),
+                "z_log_var": ops.cast(self.z_log_var_head(features), "float32")}
+
+    def distribution(self, params):
+        return tfd.MultivariateNormalDiag(loc=params["z_mean"],
+                                          scale_diag=ops.exp(0.5 * params["z_log_var"]))
+
+    def sample(self, params, num_samples, seed=None, epsilon=None):
+        return self.sampling((params["z_mean"], params["z_log_var"]),
+                             num_samples=num_samples, seed=seed, epsilon=epsilon)
+
+    def mean(self, params):
+        return params["z_mean"]
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}

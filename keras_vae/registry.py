@@ -1,0 +1,74 @@
+"""The named pieces a model is built from, by kind: network families, likelihoods, priors
+and posteriors.
+
+Each entry names the object that makes the piece (``"module:attribute"``), imported only
+when the piece is built, so that reading the names (for settings, flags and their checks)
+imports no TensorFlow. A new piece is a new file plus one line here.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """``target``: ``"module:attribute"`` of the builder or class; ``autoregressive``: a
+    network family whose decoder reads x_<d as well as z."""
+
+    target: str
+    autoregressive: bool = False
+
+
+REGISTRY = {
+    "network": {
+        "mlp": Entry("keras_vae.networks.mlp:build"),
+        "conv": Entry("keras_vae.networks.conv:build"),
+        "made": Entry("keras_vae.networks.made:build", autoregressive=True),
+        "pixelcnn_made": Entry("keras_vae.networks.pixelcnn_made:build", autoregressive=True),
+    },
+    "likelihood": {
+        "bernoulli": Entry("keras_vae.likelihoods:BernoulliLikelihood"),
+        "continuous_bernoulli": Entry("keras_vae.likelihoods:ContinuousBernoulliLikelihood"),
+        "gaussian": Entry("keras_vae.likelihoods:GaussianLikelihood"),
+    },
+    "prior": {
+        "standard_normal": Entry("keras_vae.priors:StandardNormal"),
+    },
+    "posterior": {
+        "diagonal_gaussian": Entry("keras_vae.posteriors:DiagonalGaussian"),
+    },
+}
+
+
+def names(kind):
+    """The registered names of ``kind``, in registration order."""
+    return tuple(REGISTRY[kind])
+
+
+def entry(kind, name):
+    """The registry entry of ``name``; a ValueError lists the known names."""
+    if name not in REGISTRY[kind]:
+        raise ValueError(f"Unknown {kind} {name!r}; expected one of {names(kind)}.")
+    return REGISTRY[kind][name]
+
+
+def load(kind, name):
+    """The builder or class registered as ``name`` of ``kind``."""
+    module, _, attribute = entry(kind, name).target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def load_all():
+    """Imports every registered piece, so that the Keras classes they define are known to
+    ``keras.saving`` when a saved model is deserialized."""
+    for kind, entries in REGISTRY.items():
+        for name in entries:
+            load(kind, name)
+
+
+def name_of(kind, piece):
+    """The registered name of ``piece``'s class; a ValueError if it is not registered."""
+    for name in REGISTRY[kind]:
+        if type(piece) is load(kind, name):
+            return name
+    raise ValueError(f"{type(piece).__name__} is not a registered {kind}")
