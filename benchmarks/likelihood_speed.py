@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from keras_vae import VAE, FusedAdam, likelihoods
+from keras_vae import VAE, FusedAdam, likelihoods, networks
 
 K, BATCH, PIXELS = 50, 100, 784
 
@@ -39,8 +39,11 @@ def log_prob_step(x, distribution, _estimator):  # no gradient estimator enters 
     def step():
         with tf.GradientTape() as tape:
             tape.watch(logits)
-            total = tf.reduce_sum(tfp.distributions.Independent(
-                distribution(logits=logits, dtype=tf.float32), 1).log_prob(x))
+            total = tf.reduce_sum(
+                tfp.distributions.Independent(
+                    distribution(logits=logits, dtype=tf.float32), 1
+                ).log_prob(x)
+            )
         return tape.gradient(total, logits)
 
     return step
@@ -48,12 +51,23 @@ def log_prob_step(x, distribution, _estimator):  # no gradient estimator enters 
 
 def train_step(x, distribution, estimator, dtype="float32", jit_compile=False):
     # The row-2 model, its likelihood's distribution swapped for ``distribution``.
-    model = VAE((PIXELS,), latent_dim=50, hidden_units=(200, 200), activation="tanh",
-                objective="iwae", num_samples=K, gradient_estimator=estimator, seed=0,
-                dtype=dtype)
+    encoder, decoder = networks.build(
+        "mlp", (PIXELS,), 50, dtype=dtype, seed=0, hidden_units=(200, 200), activation="tanh"
+    )
+    model = VAE(
+        encoder,
+        decoder,
+        latent_dim=50,
+        objective="iwae",
+        num_samples=K,
+        gradient_estimator=estimator,
+        seed=0,
+        dtype=dtype,
+    )
     if distribution is not likelihoods.LogitBernoulli:
         model.likelihood.distribution = lambda params: model.likelihood._independent(
-            distribution(logits=tf.cast(params, tf.float32), dtype=tf.float32))
+            distribution(logits=tf.cast(params, tf.float32), dtype=tf.float32)
+        )
     model.compile(optimizer=FusedAdam(1e-3))
     return tf.function(lambda: model.train_step(x), jit_compile=jit_compile)
 
@@ -65,15 +79,28 @@ def main():
     args = parser.parse_args()
     x = tf.cast(tf.random.stateless_uniform((BATCH, PIXELS), (2, 3)) < 0.13, tf.float32)
     ours = likelihoods.LogitBernoulli
-    contenders = {"tfp Bernoulli": (tfp.distributions.Bernoulli, "reparam"),
-                  "keras_vae LogitBernoulli": (ours, "reparam")}
-    races = [("log p(x|z), forward + backward, [50, 100, 784]", log_prob_step, contenders),
-             ("row-2 IWAE K=50 train step, batch 100", train_step,
-              {**contenders, "keras_vae LogitBernoulli, DReG": (ours, "dreg")}),
-             ("row-2 DReG train step by precision", train_step,
-              {"float32": (ours, "dreg"), "float32 + XLA": (ours, "dreg", "float32", True),
-               "mixed_bfloat16": (ours, "dreg", "mixed_bfloat16"),
-               "mixed_bfloat16 + XLA": (ours, "dreg", "mixed_bfloat16", True)})]
+    contenders = {
+        "tfp Bernoulli": (tfp.distributions.Bernoulli, "reparam"),
+        "keras_vae LogitBernoulli": (ours, "reparam"),
+    }
+    races = [
+        ("log p(x|z), forward + backward, [50, 100, 784]", log_prob_step, contenders),
+        (
+            "row-2 IWAE K=50 train step, batch 100",
+            train_step,
+            {**contenders, "keras_vae LogitBernoulli, DReG": (ours, "dreg")},
+        ),
+        (
+            "row-2 DReG train step by precision",
+            train_step,
+            {
+                "float32": (ours, "dreg"),
+                "float32 + XLA": (ours, "dreg", "float32", True),
+                "mixed_bfloat16": (ours, "dreg", "mixed_bfloat16"),
+                "mixed_bfloat16 + XLA": (ours, "dreg", "mixed_bfloat16", True),
+            },
+        ),
+    ]
     for title, make, race in races:
         steps = {name: make(x, *contender) for name, contender in race.items()}
         times = {name: [] for name in steps}

@@ -1,7 +1,8 @@
 """Latency of an exported SavedModel's signatures, as TF Serving would run them (CPU here),
 and peak memory of training and of a K = 5000 evaluation.
 
-    python benchmarks/serve_latency.py [SAVED_MODEL_DIR] [--repeats N] [--memory]
+    python benchmarks/serve_latency.py [SAVED_MODEL_DIR] [--repeats N] [--memory] \
+        [--mnist PATH]
 
 Prints the SavedModel's size and p50/p99 latency per call of ``serving_default`` (and
 ``score``) at batch 1 and 256, beside the reference: the same reconstruction through Keras'
@@ -9,8 +10,9 @@ own inference path, ``model.predict_on_batch``, on the model rebuilt from the ex
 (same architecture, so the same work). SAVED_MODEL_DIR defaults to the newest version under
 saved_models/vae/. With ``--memory`` it also prints the peak resident memory of three
 fresh processes: importing keras_vae (the baseline), ``keras-vae train`` for one epoch of
-the IWAE paper's MNIST MLP (../shared/data/mnist.npz), and ``keras-vae evaluate --k 5000``
-on 1000 of that run's test images (memory does not grow with the number of images).
+the IWAE paper's MNIST MLP (``--mnist``, default ../shared/data/mnist.npz), and
+``keras-vae evaluate --k 5000`` on 1000 of that run's test images (memory does not grow with
+the number of images).
 """
 
 import argparse
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
 
 def percentiles(fn, repeats):
@@ -46,20 +50,49 @@ def peak_rss_mb(command):
     return usage.ru_maxrss / 1024
 
 
-def memory_report():
+def memory_report(mnist=MNIST):
     cli = [sys.executable, "-m", "keras_vae.cli"]
-    mnist = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
     with tempfile.TemporaryDirectory() as tmp:
         rows = [
             ("import keras_vae (baseline)", [sys.executable, "-c", "import keras_vae"]),
-            ("train MNIST 784-200-200-50, 1 epoch", cli + [
-                "train", "--data", f"npz:{mnist}", "--hidden-units", "200,200",
-                "--latent-dim", "50", "--batch-size", "100", "--epochs", "1",
-                "--plots", "false", "--quiet", "--run-dir", f"{tmp}/run",
-                "--export-dir", f"{tmp}/sm"]),
-            ("evaluate 1000 MNIST tests, K = 5000", cli + [
-                "evaluate", f"{tmp}/run", "--k", "5000", "--limit", "1000",
-                "--output", f"{tmp}/r.json"]),
+            (
+                "train MNIST 784-200-200-50, 1 epoch",
+                cli
+                + [
+                    "train",
+                    "--data",
+                    f"npz:{mnist}",
+                    "--hidden-units",
+                    "200,200",
+                    "--latent-dim",
+                    "50",
+                    "--batch-size",
+                    "100",
+                    "--epochs",
+                    "1",
+                    "--plots",
+                    "false",
+                    "--quiet",
+                    "--run-dir",
+                    f"{tmp}/run",
+                    "--export-dir",
+                    f"{tmp}/sm",
+                ],
+            ),
+            (
+                "evaluate 1000 MNIST tests, K = 5000",
+                cli
+                + [
+                    "evaluate",
+                    f"{tmp}/run",
+                    "--k",
+                    "5000",
+                    "--limit",
+                    "1000",
+                    "--output",
+                    f"{tmp}/r.json",
+                ],
+            ),
         ]
         print(f"\n{'process':<40}{'peak RSS MB':>12}")
         for name, command in rows:
@@ -71,10 +104,15 @@ def main():
     parser.add_argument("saved_model", nargs="?")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument(
+        "--mnist", type=Path, default=MNIST, help="MNIST .npz file for --memory's training run"
+    )
     args = parser.parse_args()
     if args.saved_model is None:
-        versions = sorted((p for p in Path("saved_models/vae").glob("*") if p.name.isdigit()),
-                          key=lambda p: int(p.name))
+        versions = sorted(
+            (p for p in Path("saved_models/vae").glob("*") if p.name.isdigit()),
+            key=lambda p: int(p.name),
+        )
         if not versions:
             raise SystemExit("no export under saved_models/vae: run `python train.py` first")
         path = versions[-1]
@@ -93,15 +131,18 @@ def main():
     rng = np.random.default_rng(0)
     for batch in (1, 256):
         x = tf.constant(rng.uniform(size=(batch,) + tuple(shape)).astype("float32"))
-        rows = [(name, lambda name=name, x=x: signatures[name](x=x))
-                for name in ("serving_default", "score")]
-        rows.append(("keras predict_on_batch (reference)",
-                     lambda x=x: reference.predict_on_batch(x)))
+        rows = [
+            (name, lambda name=name, x=x: signatures[name](x=x))
+            for name in ("serving_default", "score")
+        ]
+        rows.append(
+            ("keras predict_on_batch (reference)", lambda x=x: reference.predict_on_batch(x))
+        )
         for name, fn in rows:
             p50, p99 = percentiles(fn, args.repeats)
             print(f"{name:<36}{batch:>6}{p50:>10.3f}{p99:>10.3f}")
     if args.memory:
-        memory_report()
+        memory_report(args.mnist)
 
 
 if __name__ == "__main__":

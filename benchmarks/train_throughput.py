@@ -1,6 +1,7 @@
 """Training throughput on MNIST: keras_vae against two references, side by side.
 
-    python benchmarks/train_throughput.py [--repeats 3] [--runs 2] [--no-torch]
+    python benchmarks/train_throughput.py [--repeats 3] [--runs 2] [--no-torch] \
+        [--mnist PATH]
 
 (a) the MLP of PyTorch's VAE example (784-400-20-400-784, Bernoulli, Adam 1e-3, batch 128):
     keras_vae (with each speed lever) vs a PyTorch implementation of that example and vs a
@@ -12,8 +13,8 @@ process; the contenders take turns, ``--repeats`` processes each, and the median
 ratios to the references, the last run's mean training loss (nats per example) and the
 achieved FLOP/s as a fraction of this machine's measured float32 matmul peak are printed. The
 first epoch of each process (tracing, XLA compilation) is not timed. Where TensorFlow sees
-a GPU, every contender trains on it, PyTorch's too. Data:
-../shared/data/mnist.npz (grayscale in [0, 1], the Bernoulli log-likelihood as binary
+a GPU, every contender trains on it, PyTorch's too. Data: ``--mnist`` (default
+../shared/data/mnist.npz; grayscale in [0, 1], the Bernoulli log-likelihood as binary
 cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
 pip install torch==2.13.0.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from keras_vae import VAE, FusedAdam
+from keras_vae import VAE, FusedAdam, networks
 from keras_vae.data import training_dataset
 
 BATCH = 128
@@ -68,8 +69,9 @@ class ReferenceVAE(keras.Model):
         with tf.GradientTape() as tape:
             z_mean, z_log_var, z = self.encoder(data)
             reconstruction = self.decoder(z)
-            reconstruction_loss = ops.mean(ops.sum(
-                keras.losses.binary_crossentropy(data, reconstruction), axis=(1, 2)))
+            reconstruction_loss = ops.mean(
+                ops.sum(keras.losses.binary_crossentropy(data, reconstruction), axis=(1, 2))
+            )
             kl_loss = -0.5 * (1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
             total_loss = reconstruction_loss + ops.mean(ops.sum(kl_loss, axis=1))
         grads = tape.gradient(total_loss, self.trainable_weights)
@@ -108,8 +110,9 @@ def reference_conv():
 class KerasContender:
     """A Keras model trained with fit on ``examples`` examples per timed run."""
 
-    def __init__(self, name, model, x, examples, pipeline, optimizer=keras.optimizers.Adam,
-                 **compile_kwargs):
+    def __init__(
+        self, name, model, x, examples, pipeline, optimizer=keras.optimizers.Adam, **compile_kwargs
+    ):
         self.name, self.model, self.x, self.examples = name, model, x, examples
         self.pipeline = pipeline
         model.compile(optimizer=optimizer(1e-3), **compile_kwargs)
@@ -120,8 +123,9 @@ class KerasContender:
         x = self.x[: self.examples]
         if self.pipeline:  # keras_vae's own stream: stateless shuffle per epoch, prefetch
             data = training_dataset(x, BATCH, 0, False, self.epoch, self.epoch + 1)
-            history = self.model.fit(data, epochs=1, steps_per_epoch=-(-len(x) // BATCH),
-                                     shuffle=False, verbose=0)
+            history = self.model.fit(
+                data, epochs=1, steps_per_epoch=-(-len(x) // BATCH), shuffle=False, verbose=0
+            )
         else:  # as the Keras example calls it: NumPy arrays
             history = self.model.fit(x, epochs=1, batch_size=BATCH, verbose=0)
         self.epoch += 1
@@ -142,14 +146,19 @@ class TorchContender:
         # The device TensorFlow trains on: a GPU where it sees one, as keras_vae does.
         device = "cuda" if tf.config.list_physical_devices("GPU") else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("TensorFlow trains on the GPU, but this torch build has no "
-                               "CUDA: install a CUDA build of torch 2.13.0 to compare.")
+            raise RuntimeError(
+                "TensorFlow trains on the GPU, but this torch build has no "
+                "CUDA: install a CUDA build of torch 2.13.0 to compare."
+            )
 
         class Net(nn.Module):
             def __init__(self):
                 super().__init__()
-                self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), \
-                    nn.Linear(400, 20)
+                self.fc1, self.fc21, self.fc22 = (
+                    nn.Linear(784, 400),
+                    nn.Linear(400, 20),
+                    nn.Linear(400, 20),
+                )
                 self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
 
             def forward(self, x):
@@ -175,7 +184,8 @@ class TorchContender:
                 # The example's BCE on sigmoid outputs, computed from logits (same value,
                 # stable).
                 bce = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logits, batch, reduction="sum")
+                    logits, batch, reduction="sum"
+                )
                 kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
                 loss = (bce + kld) / len(batch)
             self.optimizer.zero_grad()
@@ -214,9 +224,13 @@ def matmul_peak(n=2048, repeats=20):
 
 def ours(arch, dtype=None):
     if arch == "mlp":
-        return VAE((28, 28, 1), latent_dim=20, hidden_units=(400,), seed=0, dtype=dtype)
-    return VAE((28, 28, 1), latent_dim=2, architecture="conv", filters=(32, 64),
-               hidden_units=(16,), seed=0, dtype=dtype)
+        latent_dim, settings = 20, {"hidden_units": (400,)}
+    else:
+        latent_dim, settings = 2, {"filters": (32, 64), "hidden_units": (16,)}
+    encoder, decoder = networks.build(
+        arch, (28, 28, 1), latent_dim, dtype=dtype, seed=0, **settings
+    )
+    return VAE(encoder, decoder, latent_dim=latent_dim, seed=0, dtype=dtype)
 
 
 # keras_vae alone and with each speed lever: (name, dtype policy, optimizer, compile arguments).
@@ -247,10 +261,10 @@ def make_contender(arch, name, x, examples):
     return KerasContender(name, ours(arch, dtype), x, examples, True, optimizer, **kwargs)
 
 
-def child(arch, name, examples, runs):
+def child(arch, name, examples, runs, mnist=MNIST):
     """Trains one contender in this (fresh) process and prints its median examples/s over
     ``runs`` timed runs and its last mean training loss."""
-    with np.load(MNIST) as data:
+    with np.load(mnist) as data:
         x = (data["x_train"] / 255.0).astype("float32")[..., None]
     contender = make_contender(arch, name, x, examples)
     times = []
@@ -272,14 +286,31 @@ def race(arch, title, references, args, peak, others=()):
     for _ in range(args.repeats):
         for name in names:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", arch, name, "--examples", str(examples),
-                 "--runs", str(args.runs)], check=False, capture_output=True, text=True)
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    arch,
+                    name,
+                    "--examples",
+                    str(examples),
+                    "--runs",
+                    str(args.runs),
+                    "--mnist",
+                    str(args.mnist),
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
             if out.returncode or "RESULT" not in out.stdout:
                 raise RuntimeError(f"{name} ({arch}) failed:\n{out.stderr[-3000:]}")
             speed, losses[name] = map(float, out.stdout.split("RESULT")[-1].split())
             speeds[name].append(speed)
-    print(f"\n{title}: {examples} examples per run; median over {args.repeats} processes of "
-          f"each process's median of {args.runs} runs")
+    print(
+        f"\n{title}: {examples} examples per run; median over {args.repeats} processes of "
+        f"each process's median of {args.runs} runs"
+    )
     header = f"{'contender':<46}{'ex/s':>8}" + "".join(f"{'vs ' + r:>31}" for r in references)
     print(header + f"{'loss':>9}{'of peak':>9}")
     speed = {name: statistics.median(s) for name, s in speeds.items()}
@@ -287,8 +318,7 @@ def race(arch, title, references, args, peak, others=()):
     for name, s in speed.items():
         ratios = "".join(f"{s / speed[r]:>30.2f}x" for r in references)
         flops = 6 * macs * s  # 2 FLOPs per MAC, backward ≈ 2× forward
-        print(f"{name:<46}{s:>8.0f}{ratios}{losses[name]:>9.2f}{flops / peak:>8.1%}",
-              flush=True)
+        print(f"{name:<46}{s:>8.0f}{ratios}{losses[name]:>9.2f}{flops / peak:>8.1%}", flush=True)
 
 
 def main():
@@ -298,6 +328,7 @@ def main():
     parser.add_argument("--mlp-examples", type=int, default=60000)
     parser.add_argument("--conv-examples", type=int, default=12800)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--mnist", type=Path, default=MNIST, help="MNIST .npz file")
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,16 +336,27 @@ def main():
         # Otherwise this process would hold the whole GPU while its children train.
         tf.config.experimental.set_memory_growth(gpu, True)
     if args.child:
-        return child(*args.child, args.examples, args.runs)
+        return child(*args.child, args.examples, args.runs, args.mnist)
     peak = matmul_peak()
-    gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-            for gpu in tf.config.list_physical_devices("GPU")]
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
-          f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"(on TensorFlow's default device; TF32 on GPUs that have it)", flush=True)
+    gpus = [
+        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+    print(
+        f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
+        f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"(on TensorFlow's default device; TF32 on GPUs that have it)",
+        flush=True,
+    )
     torch = [] if args.no_torch else [TORCH]
-    race("mlp", "(a) MLP 784-400-20-400-784", [PLAIN] + torch, args, peak,
-         [TORCH_BF16] if torch else [])
+    race(
+        "mlp",
+        "(a) MLP 784-400-20-400-784",
+        [PLAIN] + torch,
+        args,
+        peak,
+        [TORCH_BF16] if torch else [],
+    )
     race("conv", "(b) Keras example conv VAE, latent 2", [PLAIN], args, peak)
 
 

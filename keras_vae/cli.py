@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from keras_vae import files
-from keras_vae.config import RunConfig, commented_yaml, flag_table, load_config_file
+from keras_vae.config import RunConfig, commented_yaml, flag_table
 from keras_vae.settings import ConfigError, choices_of
 
 
@@ -53,10 +53,13 @@ def _add_config_flags(parser):
         choices = choices_of(field)
         default = RunConfig().to_dict()[section][field.name]
         parser.add_argument(
-            f"--{flag}", dest=f"{section}.{field.name}", default=None,
+            f"--{flag}",
+            dest=f"{section}.{field.name}",
+            default=None,
             metavar=field.name.upper() if choices is None else None,
             choices=None if choices is None else [str(c) for c in choices],
-            help=f"{field.metadata['help']} (default: {default!r}; section {section})")
+            help=f"{field.metadata['help']} (default: {default!r}; section {section})",
+        )
 
 
 def _overrides(args):
@@ -70,29 +73,31 @@ def _overrides(args):
 
 
 def _cmd_train(args):
-    from keras_vae.rundir import saved_config
     from keras_vae.run import train
+    from keras_vae.rundir import saved_config
 
     overrides = _overrides(args)
     if args.resume:
         if args.config:
-            raise ConfigError("--resume continues a run with its saved config; leave out "
-                              "--config")
+            raise ConfigError("--resume continues a run with its saved config; leave out --config")
         run_dir = Path(args.resume)
         base = saved_config(run_dir)
     else:
         run_dir = args.run_dir
         base = RunConfig.load(args.config) if args.config else RunConfig()
     config = base.replace(overrides, from_text=True)
-    result = train(config, run_dir=run_dir, resume=bool(args.resume),
-                   verbose=0 if args.quiet else 1)
+    result = train(
+        config, run_dir=run_dir, resume=bool(args.resume), verbose=0 if args.quiet else 1
+    )
     if result.export_path is None:
         print(f"worker finished; the chief writes the run (scratch: {result.run_dir})")
         return
     test = result.metrics["test"]
     print(f"run directory: {result.run_dir}")
-    print(f"test ELBO {test['elbo']['mean']:.2f} ± {test['elbo']['se']:.2f} nats, "
-          f"log p(x) (K={test['k']}) {test['log_px']['mean']:.2f} ± {test['log_px']['se']:.2f}")
+    print(
+        f"test ELBO {test['elbo']['mean']:.2f} ± {test['elbo']['se']:.2f} nats, "
+        f"log p(x) (K={test['k']}) {test['log_px']['mean']:.2f} ± {test['log_px']['se']:.2f}"
+    )
     print(f"SavedModel: {result.export_path}")
 
 
@@ -100,8 +105,8 @@ def _cmd_evaluate(args):
     import numpy as np
 
     from keras_vae import data as datasets
-    from keras_vae.evaluate import evaluate
     from keras_vae import registry
+    from keras_vae.evaluate import evaluate
     from keras_vae.fitting import evaluation_copy
     from keras_vae.rundir import TEST_SET_FILE
 
@@ -112,10 +117,13 @@ def _cmd_evaluate(args):
         x, _ = datasets.load_test_set(saved)
     else:
         if config is None and not args.data:
-            raise ConfigError(f"{args.model} is not inside a run directory: name its data "
-                              f"with --data")
-        overrides = {"model": {"likelihood": registry.name_of("likelihood", model.likelihood)},
-                     "data": {}}
+            raise ConfigError(
+                f"{args.model} is not inside a run directory: name its data with --data"
+            )
+        overrides = {
+            "model": {"likelihood": registry.name_of("likelihood", model.likelihood)},
+            "data": {},
+        }
         if args.data:
             overrides["data"]["data"] = args.data
         if args.binarize:
@@ -133,8 +141,13 @@ def _cmd_evaluate(args):
         files.write_text(args.output, text + "\n")
     if args.per_example:
         with files.atomic_path(args.per_example) as tmp, open(tmp, "wb") as f:
-            np.savez(f, elbo=scores["elbo"], elbo_se=scores["elbo_se"],
-                     log_px=scores["log_px"], log_px_se=scores["log_px_se"])
+            np.savez(
+                f,
+                elbo=scores["elbo"],
+                elbo_se=scores["elbo_se"],
+                log_px=scores["log_px"],
+                log_px_se=scores["log_px_se"],
+            )
 
 
 def _cmd_export(args):
@@ -162,8 +175,9 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="keras-vae", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    config = commands.add_parser("config", help="print a YAML config of every setting at its "
-                                 "default, with its help")
+    config = commands.add_parser(
+        "config", help="print a YAML config of every setting at its default, with its help"
+    )
     config.set_defaults(func=lambda args: print(commented_yaml(), end=""))
 
     train = commands.add_parser("train", help="train a VAE (flags override --config)")
@@ -178,8 +192,11 @@ def build_parser():
     evaluate.add_argument("model", help="run directory or .keras file")
     evaluate.add_argument("--data", help="data source (default: the run's)")
     evaluate.add_argument("--data-dir", help="TFDS data_dir")
-    evaluate.add_argument("--binarize", choices=("auto", "dynamic", "none"),
-                          help="binarize the test set once with a fixed seed (default: the run's)")
+    evaluate.add_argument(
+        "--binarize",
+        choices=("auto", "dynamic", "none"),
+        help="binarize the test set once with a fixed seed (default: the run's)",
+    )
     evaluate.add_argument("--k", type=_positive_int, default=1000, help="importance samples K")
     evaluate.add_argument("--batch-size", type=_positive_int, default=100)
     evaluate.add_argument("--chunk-size", type=_positive_int, default=500, help="draws per pass")

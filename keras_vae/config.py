@@ -38,18 +38,25 @@ class DataConfig:
     """Where the examples come from and how they are prepared."""
 
     data: str = setting(
-        "digits", "data source: digits (scikit-learn's 8×8 digits, offline), "
+        "digits",
+        "data source: digits (scikit-learn's 8×8 digits, offline), "
         "tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]], npz:PATH (Keras layout) or images:DIR",
         check=lambda v: v == "digits" or v.startswith(DATA_KINDS[1:]),
-        requirement=f"be one of {DATA_KINDS} (with its argument)")
+        requirement=f"be one of {DATA_KINDS} (with its argument)",
+    )
     data_dir: str | None = setting(None, "TFDS data_dir (prepared data, for offline use)")
     binarize: str = setting(
-        "auto", "dynamic: a fresh x ~ Bernoulli(pixel) each epoch (the test set binarized "
+        "auto",
+        "dynamic: a fresh x ~ Bernoulli(pixel) each epoch (the test set binarized "
         "once, fixed seed); auto: dynamic for the Bernoulli likelihood; none",
-        choices=("auto", "dynamic", "none"))
+        choices=("auto", "dynamic", "none"),
+    )
     validation_fraction: float = setting(
-        0.1, "the last part of the training set held out for validation and checkpoint "
-        "choice; 0: none", check=unit_interval_open_right, requirement="be in [0, 1)")
+        0.1,
+        "the last part of the training set held out for validation and checkpoint choice; 0: none",
+        check=unit_interval_open_right,
+        requirement="be in [0, 1)",
+    )
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,20 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
     and posterior (``DistributionsConfig``) and the objective (``VAEConfig``)."""
 
     def rules(self):
-        return NetworkConfig.rules(self) + VAEConfig.rules(self)
+        return (
+            NetworkConfig.rules(self)
+            + VAEConfig.rules(self)
+            + [
+                (
+                    "likelihood",
+                    not self.autoregressive or self.likelihood == "bernoulli",
+                    (
+                        f"must be 'bernoulli' for architecture {self.architecture!r} (a model of "
+                        f"binary data)"
+                    ),
+                )
+            ]
+        )
 
     def part(self, cls):
         """The settings of ``cls`` (one of the three parts) as an instance of it."""
@@ -69,39 +89,76 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
 class TrainingConfig:
     """How the model is fitted."""
 
-    optimizer: str = setting("adam", "adam is keras_vae.FusedAdam (Keras's Adam update in "
-                             "fewer ops)", choices=("adam", "adamw", "rmsprop", "sgd"))
-    learning_rate: float = setting(1e-3, "learning rate of the first epoch",
-                                   check=finite_positive, requirement="be finite and > 0")
+    optimizer: str = setting(
+        "adam",
+        "adam is keras_vae.FusedAdam (Keras's Adam update in fewer ops)",
+        choices=("adam", "adamw", "rmsprop", "sgd"),
+    )
+    learning_rate: float = setting(
+        1e-3,
+        "learning rate of the first epoch",
+        check=finite_positive,
+        requirement="be finite and > 0",
+    )
     lr_decay_epochs: tuple[int, ...] = setting(
-        (), "the (0-based) epochs at which the learning rate is multiplied by "
-        "lr_decay_factor", check=lambda v: all(a < b for a, b in zip((0,) + v, v)),
-        requirement="be increasing epoch numbers > 0")
-    lr_decay_factor: float = setting(0.1, "factor of each learning-rate decay",
-                                     check=lambda v: 0 < v <= 1, requirement="be in (0, 1]")
-    batch_size: int = setting(64, "examples per step (the global batch under a strategy)",
-                              check=positive, requirement="be >= 1")
-    epochs: int = setting(40, "epochs to train in all (a resumed run may extend it)",
-                          check=positive, requirement="be >= 1")
+        (),
+        "the (0-based) epochs at which the learning rate is multiplied by lr_decay_factor",
+        check=lambda v: all(a < b for a, b in zip((0,) + v, v)),
+        requirement="be increasing epoch numbers > 0",
+    )
+    lr_decay_factor: float = setting(
+        0.1,
+        "factor of each learning-rate decay",
+        check=lambda v: 0 < v <= 1,
+        requirement="be in (0, 1]",
+    )
+    batch_size: int = setting(
+        64,
+        "examples per step (the global batch under a strategy)",
+        check=positive,
+        requirement="be >= 1",
+    )
+    epochs: int = setting(
+        40,
+        "epochs to train in all (a resumed run may extend it)",
+        check=positive,
+        requirement="be >= 1",
+    )
     early_stopping_patience: int = setting(
-        0, "stop when the validation ELBO has not improved for this many epochs; 0: off",
-        check=lambda v: v >= 0, requirement="be >= 0")
-    strategy: str = setting("default", "mirrored: the GPUs of one host; multi_worker: several "
-                            "hosts (TF_CONFIG)", choices=("default", "mirrored", "multi_worker"))
-    precision: str = setting("float32", "dtype policy of the networks: mixed_float16 (GPUs), "
-                             "mixed_bfloat16 (GPUs, CPUs with AVX512_BF16)",
-                             choices=("float32", "mixed_float16", "mixed_bfloat16"))
+        0,
+        "stop when the validation ELBO has not improved for this many epochs; 0: off",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
+    strategy: str = setting(
+        "default",
+        "mirrored: the GPUs of one host; multi_worker: several hosts (TF_CONFIG)",
+        choices=("default", "mirrored", "multi_worker"),
+    )
+    precision: str = setting(
+        "float32",
+        "dtype policy of the networks: mixed_float16 (GPUs), "
+        "mixed_bfloat16 (GPUs, CPUs with AVX512_BF16)",
+        choices=("float32", "mixed_float16", "mixed_bfloat16"),
+    )
     jit_compile: bool = setting(False, "XLA-compile the train step")
     steps_per_execution: int = setting(
-        1, "train steps per call of the compiled function; must divide an epoch's steps",
-        check=positive, requirement="be >= 1")
+        1,
+        "train steps per call of the compiled function; must divide an epoch's steps",
+        check=positive,
+        requirement="be >= 1",
+    )
 
     def rules(self):
         # Keras's multi-step loop fails under tf.distribute with "You must feed a value for
         # placeholder tensor" (keras-team/keras#19246, also for a plain Dense model).
-        return [("steps_per_execution",
-                 self.steps_per_execution == 1 or self.strategy == "default",
-                 f"must be 1 with strategy {self.strategy!r} (keras-team/keras#19246)")]
+        return [
+            (
+                "steps_per_execution",
+                self.steps_per_execution == 1 or self.strategy == "default",
+                f"must be 1 with strategy {self.strategy!r} (keras-team/keras#19246)",
+            )
+        ]
 
     def learning_rate_at(self, epoch):
         """The learning rate of (0-based) epoch ``epoch``: learning_rate · lr_decay_factorⁿ,
@@ -120,12 +177,18 @@ class OutputConfig:
     plots: bool = setting(True, "write the run's figures (plots/*.png)")
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
-            "output": OutputConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "output": OutputConfig,
+}
 # What a resumed run may change: how long it trains, the learning rates of the epochs it
 # has not trained yet, and what it writes after training.
-RESUMABLE = {"training": ("epochs", "lr_decay_epochs", "lr_decay_factor"),
-             "output": ("plots", "export_dir", "export_name")}
+RESUMABLE = {
+    "training": ("epochs", "lr_decay_epochs", "lr_decay_factor"),
+    "output": ("plots", "export_dir", "export_name"),
+}
 
 
 @dataclass(frozen=True)
@@ -144,48 +207,70 @@ class RunConfig:
             validate(getattr(self, name))
         autoregressive = self.model.autoregressive
         rules = [
-            ("binarize", not autoregressive or self.data.binarize != "none", self.data,
-             (f"must binarize the data for architecture {self.model.architecture!r} (a "
-             f"model of binary data)")),
-            ("early_stopping_patience",
-             not self.training.early_stopping_patience or self.data.validation_fraction > 0,
-             self.training, "needs validation data (validation_fraction > 0)"),
+            (
+                "binarize",
+                not autoregressive or self.data.binarize != "none",
+                self.data,
+                (
+                    f"must binarize the data for architecture {self.model.architecture!r} (a "
+                    f"model of binary data)"
+                ),
+            ),
+            (
+                "early_stopping_patience",
+                not self.training.early_stopping_patience or self.data.validation_fraction > 0,
+                self.training,
+                "needs validation data (validation_fraction > 0)",
+            ),
         ]
         for key, ok, section, requirement in rules:
             if not ok:
                 raise ConfigError(
-                    f"config key {key!r} {requirement}; got {getattr(section, key)!r}")
+                    f"config key {key!r} {requirement}; got {getattr(section, key)!r}"
+                )
         return self
 
     def to_dict(self):
         """{section: {key: value}}, tuples as lists (JSON and YAML)."""
-        return {name: {key: list(value) if isinstance(value, tuple) else value
-                       for key, value in dataclasses.asdict(getattr(self, name)).items()}
-                for name in SECTIONS}
+        return {
+            name: {
+                key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(getattr(self, name)).items()
+            }
+            for name in SECTIONS
+        }
 
     def replace(self, values, from_text=False):
         """A checked copy with ``values`` {section: {key: value}} applied; unknown sections
         and keys, and values of the wrong type, are refused with their names."""
         if not isinstance(values, dict):
-            raise ConfigError(f"a config must be a mapping of the sections "
-                              f"{', '.join(SECTIONS)}; got {values!r}")
+            raise ConfigError(
+                f"a config must be a mapping of the sections {', '.join(SECTIONS)}; got {values!r}"
+            )
         sections = {}
         for name, updates in values.items():
             if name not in SECTIONS:
-                raise ConfigError(f"unknown config section {name!r}; the sections are "
-                                  f"{', '.join(SECTIONS)}")
+                raise ConfigError(
+                    f"unknown config section {name!r}; the sections are {', '.join(SECTIONS)}"
+                )
             if not isinstance(updates, dict):
-                raise ConfigError(f"config section {name!r} must be a mapping of keys to "
-                                  f"values; got {updates!r}")
+                raise ConfigError(
+                    f"config section {name!r} must be a mapping of keys to values; got {updates!r}"
+                )
             fields = {f.name: f for f in dataclasses.fields(SECTIONS[name])}
             for key in updates:
                 if key not in fields:
-                    raise ConfigError(f"unknown config key {key!r} in section {name!r}; "
-                                      f"its keys: {', '.join(fields)}")
+                    raise ConfigError(
+                        f"unknown config key {key!r} in section {name!r}; "
+                        f"its keys: {', '.join(fields)}"
+                    )
             sections[name] = dataclasses.replace(
                 getattr(self, name),
-                **{key: coerce(key, value, fields[key].type, from_text)
-                   for key, value in updates.items()})
+                **{
+                    key: coerce(key, value, fields[key].type, from_text)
+                    for key, value in updates.items()
+                },
+            )
         return dataclasses.replace(self, **sections).validate()
 
     def save(self, path):
@@ -233,8 +318,9 @@ def commented_yaml():
     for name, cls in SECTIONS.items():
         lines += ["", f"{name}:"]
         for field in dataclasses.fields(cls):
-            value = yaml.safe_dump(defaults[name][field.name], default_flow_style=True,
-                                   width=1000).strip()
+            value = yaml.safe_dump(
+                defaults[name][field.name], default_flow_style=True, width=1000
+            ).strip()
             value = value.removesuffix("\n...").removesuffix(" ...")
             choices = field.metadata.get("choices")
             if choices is not None:

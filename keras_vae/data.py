@@ -61,7 +61,8 @@ def load(spec, data_dir=None):
         return _images(Path(arg))
     raise ValueError(
         f"Unknown data source {spec!r}; expected digits, tfds:NAME[:TRAIN[:TEST]], npz:PATH "
-        f"or images:DIR.")
+        f"or images:DIR."
+    )
 
 
 def _digits():
@@ -86,10 +87,12 @@ def _tfds(arg, data_dir):
         raise RuntimeError(
             f"Could not load TFDS data set {name!r} (splits {train_split!r}, {test_split!r}, "
             f"data_dir={data_dir!r}): {error}. Without internet access the data must already "
-            f"be prepared in data_dir (see `tfds build`).") from error
+            f"be prepared in data_dir (see `tfds build`)."
+        ) from error
     if "image" not in parts[0].element_spec:
         raise ValueError(
-            f"TFDS data set {name!r} has no 'image' feature: {list(parts[0].element_spec)}")
+            f"TFDS data set {name!r} has no 'image' feature: {list(parts[0].element_spec)}"
+        )
     (x_train, y_train), (x_test, y_test) = (_tfds_arrays(part) for part in parts)
     return Data(x_train, x_test, y_train, y_test)
 
@@ -120,9 +123,14 @@ def _npz(path):
     if missing:
         raise ValueError(
             f"npz data file {path} lacks {sorted(missing)} (it has {names}); "
-            f"expected the Keras layout x_train, x_test, optional y_train, y_test.")
-    return Data(to_unit_interval(arrays["x_train"]), to_unit_interval(arrays["x_test"]),
-                arrays.get("y_train"), arrays.get("y_test"))
+            f"expected the Keras layout x_train, x_test, optional y_train, y_test."
+        )
+    return Data(
+        to_unit_interval(arrays["x_train"]),
+        to_unit_interval(arrays["x_test"]),
+        arrays.get("y_train"),
+        arrays.get("y_test"),
+    )
 
 
 def _images(folder):
@@ -148,8 +156,11 @@ def _images(folder):
 
 
 def _intensities(image):
-    return image if image.mode in ("L", "RGB") else image.convert(
-        "L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+    return (
+        image
+        if image.mode in ("L", "RGB")
+        else image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+    )
 
 
 def binarize_once(x, seed=TEST_BINARIZATION_SEED):
@@ -193,11 +204,14 @@ def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
 
     def epoch_batches(epoch):
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), epoch]))
+            tf.range(n), seed=tf.stack([tf.cast(seed, tf.int64), epoch])
+        )
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
         return batches.enumerate().map(
             lambda step, idx: _gather(x, idx, binarize, seed, epoch * steps + step),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
     epochs_ds = tf.data.Dataset.range(initial_epoch, epochs)
     return _with_options(epochs_ds.flat_map(epoch_batches).prefetch(tf.data.AUTOTUNE))
@@ -220,12 +234,13 @@ def _gather(x, idx, binarize, seed, step):
     batch = tf.gather(x, idx)
     if binarize:
         noise = tf.random.stateless_uniform(
-            tf.shape(batch), seed=tf.stack([tf.cast(seed, tf.int64) + 1, step]))
+            tf.shape(batch), seed=tf.stack([tf.cast(seed, tf.int64) + 1, step])
+        )
         batch = tf.cast(noise < batch, batch.dtype)
     return batch
 
 
 def evaluation_dataset(x, batch_size):
     return _with_options(
-        tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(
-            tf.data.AUTOTUNE))
+        tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(tf.data.AUTOTUNE)
+    )

@@ -57,8 +57,11 @@ class _Accumulator:
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``log_px``, ``log_px_se`` (K draws),
     and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws)."""
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                        ("chunk_size", chunk_size)):
+    for name, value in (
+        ("num_samples", num_samples),
+        ("batch_size", batch_size),
+        ("chunk_size", chunk_size),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1; got {value}")
     x = np.asarray(x, "float32")
@@ -75,21 +78,27 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         shape = tf.stack([tf.shape(x_batch)[0], model.latent_dim])
         epsilon = tf.map_fn(
             lambda k: tf.random.stateless_normal(
-                shape, seed=tf.stack([tf.constant(seed, tf.int64), batch_index * num_samples + k])),
-            tf.range(first, first + count), fn_output_signature=tf.float32)
+                shape, seed=tf.stack([tf.constant(seed, tf.int64), batch_index * num_samples + k])
+            ),
+            tf.range(first, first + count),
+            fn_output_signature=tf.float32,
+        )
         log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon)
         return log_px_z + log_pz - log_qz, log_px_z, kl
 
     out = {key: [] for key in ("elbo", "elbo_se", "log_px", "log_px_se")}
     by_k = {k: [] for k in ladder}
     for b, start in enumerate(range(0, len(x), batch_size)):
-        x_batch = tf.constant(x[start:start + batch_size])
+        x_batch = tf.constant(x[start : start + batch_size])
         acc = _Accumulator(len(x_batch))
         done = 0
         for bound in bounds:
-            log_w, log_px_z, kl = draws(x_batch, tf.constant(done, tf.int64),
-                                        tf.constant(bound - done, tf.int64),
-                                        tf.constant(b, tf.int64))
+            log_w, log_px_z, kl = draws(
+                x_batch,
+                tf.constant(done, tf.int64),
+                tf.constant(bound - done, tf.int64),
+                tf.constant(b, tf.int64),
+            )
             acc.add(log_w.numpy(), log_px_z.numpy())
             done = bound
             if bound in by_k:
@@ -112,8 +121,10 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
 
 def mean_and_se(values):
     values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()),
-            "se": float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0}
+    return {
+        "mean": float(values.mean()),
+        "se": float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0,
+    }
 
 
 def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0):
@@ -133,8 +144,11 @@ def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0)
         "log_px": log_px,
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},
-        "bits_per_dim": (-log_px["mean"] / (dims * math.log(2))
-                         if isinstance(model.likelihood, BernoulliLikelihood) else None),
+        "bits_per_dim": (
+            -log_px["mean"] / (dims * math.log(2))
+            if isinstance(model.likelihood, BernoulliLikelihood)
+            else None
+        ),
         "seconds": seconds,
     }
     return report, scores

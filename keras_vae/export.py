@@ -67,8 +67,7 @@ def serving_functions(model):
     def serving_default(x):
         x = checked_x(x)
         params = model.encode_params(x)
-        return {"reconstruction": model.decode(model.posterior.mean(params), x).mean(),
-                **params}
+        return {"reconstruction": model.decode(model.posterior.mean(params), x).mean(), **params}
 
     @tf.function(input_signature=[x_spec])
     def encode(x):
@@ -89,8 +88,9 @@ def serving_functions(model):
 
     def per_row(draw, shape, seed, stream):
         """One stateless draw of ``shape`` per row, from (that row's seed, ``stream``)."""
-        return tf.map_fn(lambda s: draw(shape, seed=tf.stack([s, stream])), seed,
-                         fn_output_signature=tf.float32)
+        return tf.map_fn(
+            lambda s: draw(shape, seed=tf.stack([s, stream])), seed, fn_output_signature=tf.float32
+        )
 
     def draw_prior(shape, seed):
         return model.prior.distribution().sample(seed=tf.cast(seed, tf.int32))
@@ -106,11 +106,15 @@ def serving_functions(model):
 
     @tf.function(input_signature=[x_spec])
     def score(x):  # model.score checks the values itself
-        return model.score(tf.ensure_shape(x, x_spec.shape), SCORE_SAMPLES,
-                           epsilon=epsilon)
+        return model.score(tf.ensure_shape(x, x_spec.shape), SCORE_SAMPLES, epsilon=epsilon)
 
-    return {"serving_default": serving_default, "encode": encode, "decode": decode,
-            "sample": sample, "score": score}
+    return {
+        "serving_default": serving_default,
+        "encode": encode,
+        "decode": decode,
+        "sample": sample,
+        "score": score,
+    }
 
 
 def _sync_tree(folder):
@@ -145,9 +149,16 @@ def export_model(model, export_dir="saved_models", name="vae"):
         archive.write_out(str(tmp / "model"), verbose=False)
         extra = tmp / "model" / "assets.extra"
         extra.mkdir()
-        (extra / "keras_vae.json").write_text(json.dumps(
-            {"config": model.get_config(), "score_samples": SCORE_SAMPLES,
-             "signatures": list(SERVING_SIGNATURES)}, indent=2))
+        (extra / "keras_vae.json").write_text(
+            json.dumps(
+                {
+                    "config": model.get_config(),
+                    "score_samples": SCORE_SAMPLES,
+                    "signatures": list(SERVING_SIGNATURES),
+                },
+                indent=2,
+            )
+        )
         write_warmup_requests(extra / "tf_serving_warmup_requests", model, name)
         _sync_tree(tmp / "model")
         version_dir = model_dir / str(next_version(model_dir))
@@ -171,7 +182,9 @@ def write_warmup_requests(path, model, name):
         for signature in ("serving_default", "score"):
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(
-                    request=grpc_request(name, signature, {"x": x})))
+                    request=grpc_request(name, signature, {"x": x})
+                )
+            )
             writer.write(log.SerializeToString())
 
 

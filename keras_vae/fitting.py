@@ -61,11 +61,24 @@ def build_model(config, data_shape, dtype="float32"):
     likelihood = likelihoods.from_config(config.part(DistributionsConfig))
     network = config.part(NetworkConfig)
     encoder, decoder = networks.build(
-        network.architecture, data_shape, config.latent_dim, likelihood, dtype=dtype,
-        seed=config.seed, **{k: v for k, v in dataclasses.asdict(network).items()
-                             if k != "architecture"})
-    return VAE(encoder, decoder, data_shape, likelihood=likelihood, prior=config.prior,
-               posterior=config.posterior, config=config.part(VAEConfig), dtype=dtype)
+        network.architecture,
+        data_shape,
+        config.latent_dim,
+        likelihood,
+        dtype=dtype,
+        seed=config.seed,
+        **{k: v for k, v in dataclasses.asdict(network).items() if k != "architecture"},
+    )
+    return VAE(
+        encoder,
+        decoder,
+        data_shape,
+        likelihood=likelihood,
+        prior=config.prior,
+        posterior=config.posterior,
+        config=config.part(VAEConfig),
+        dtype=dtype,
+    )
 
 
 def compile_model(model, config):
@@ -75,9 +88,13 @@ def compile_model(model, config):
         optimizer = FusedAdam(config.learning_rate)
     else:
         optimizer = keras.optimizers.get(
-            {"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}})
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile,
-                  steps_per_execution=config.steps_per_execution)
+            {"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}}
+        )
+    model.compile(
+        optimizer=optimizer,
+        jit_compile=config.jit_compile,
+        steps_per_execution=config.steps_per_execution,
+    )
     return model
 
 
@@ -110,14 +127,15 @@ def check_steps_per_execution(steps_per_execution, steps):
             f"config key 'steps_per_execution' must divide the {steps} steps of an epoch, "
             f"or Keras runs {-(-steps // steps_per_execution) * steps_per_execution} steps "
             f"an epoch; got {steps_per_execution} (the largest divisor below it is "
-            f"{divisor})")
+            f"{divisor})"
+        )
 
 
 def split_validation(x_train, fraction):
     """(training part, validation part): the last ``fraction`` of the training examples
     (the order of the source, fixed) are held out for validation and checkpoint choice."""
     n_val = round(len(x_train) * fraction)
-    return x_train[: len(x_train) - n_val], x_train[len(x_train) - n_val:]
+    return x_train[: len(x_train) - n_val], x_train[len(x_train) - n_val :]
 
 
 @dataclass
@@ -151,7 +169,8 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         raise ValueError(
             f"data {config.data.data!r} leaves {len(x_train)} training and "
             f"{len(data.x_test)} test examples (validation_fraction "
-            f"{config.data.validation_fraction}); both must be >= 1")
+            f"{config.data.validation_fraction}); both must be >= 1"
+        )
     steps = datasets.steps_per_epoch(len(x_train), training.batch_size)
     check_steps_per_execution(training.steps_per_execution, steps)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
@@ -167,8 +186,9 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         if resumed_from:
             model = load_checkpoint(resumed_from)
         else:
-            model = compile_model(build_model(config.model, data.shape, training.precision),
-                                  training)
+            model = compile_model(
+                build_model(config.model, data.shape, training.precision), training
+            )
     # One check of the whole data set, before anything trains: the per-batch checks in the
     # model are dropped when the step is XLA-compiled.
     model.check_data(data.x_train)
@@ -186,11 +206,13 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     datasets.save_test_set(run_dir / TEST_SET_FILE, x_test, data.y_test)
     validation = None
     if len(x_val):
-        validation = datasets.evaluation_dataset(evaluation_copy(config, x_val),
-                                                 training.batch_size)
+        validation = datasets.evaluation_dataset(
+            evaluation_copy(config, x_val), training.batch_size
+        )
     if initial_epoch < training.epochs and not (patience and wait >= patience):
         train_ds = datasets.training_dataset(
-            x_train, training.batch_size, seed, binarize, initial_epoch, training.epochs)
+            x_train, training.batch_size, seed, binarize, initial_epoch, training.epochs
+        )
         all_callbacks = [
             # First, so that the other callbacks log the epoch's learning rate.
             keras.callbacks.LearningRateScheduler(training.learning_rate_at),
@@ -201,11 +223,15 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             keras.callbacks.TerminateOnNaN(raise_error=True),
         ]
         if patience:
-            all_callbacks.append(
-                ResumedEarlyStopping(patience, state["best_val_elbo"], wait))
+            all_callbacks.append(ResumedEarlyStopping(patience, state["best_val_elbo"], wait))
         model.fit(
-            train_ds, epochs=training.epochs, initial_epoch=initial_epoch,
-            steps_per_epoch=steps, shuffle=False,  # the stream is shuffled per epoch
-            validation_data=validation, callbacks=all_callbacks + list(callbacks),
-            verbose=verbose)
+            train_ds,
+            epochs=training.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps,
+            shuffle=False,  # the stream is shuffled per epoch
+            validation_data=validation,
+            callbacks=all_callbacks + list(callbacks),
+            verbose=verbose,
+        )
     return Fitted(model, run_dir, chief, x_test, data.y_test)

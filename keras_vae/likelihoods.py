@@ -26,6 +26,7 @@ from keras_vae.settings import validate
 
 tfd = tfp.distributions
 
+
 class Likelihood(keras.layers.Layer):
     """Base class: ``distribution(params)`` → p_θ(x|z); ``support``: the interval x lies in
     (None: all reals), checked per batch by ``check_support`` and on whole arrays by
@@ -63,8 +64,10 @@ class Likelihood(keras.layers.Layer):
         if self.support is not None:
             low, high = (ops.cast(bound, x.dtype) for bound in self.support)
             message = f"keras_vae: {self._support_message()}"
-            checks += [_assert(tf.reduce_min(x) >= low, message),
-                       _assert(tf.reduce_max(x) <= high, message)]
+            checks += [
+                _assert(tf.reduce_min(x) >= low, message),
+                _assert(tf.reduce_max(x) <= high, message),
+            ]
         return checks
 
     def check_array(self, x):
@@ -75,8 +78,9 @@ class Likelihood(keras.layers.Layer):
         if self.support is not None and x.size:
             low, high = self.support
             if x.min() < low or x.max() > high:
-                raise ValueError(f"{self._support_message()}; got values in "
-                                 f"[{x.min():g}, {x.max():g}]")
+                raise ValueError(
+                    f"{self._support_message()}; got values in [{x.min():g}, {x.max():g}]"
+                )
 
 
 def _assert(condition, message):

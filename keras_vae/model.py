@@ -49,9 +49,17 @@ class VAE(keras.Model):
             e.g. ``"mixed_bfloat16"``; sampling, distributions and losses are float32).
     """
 
-    def __init__(self, encoder, decoder, data_shape=None, likelihood="bernoulli",
-                 prior="standard_normal", posterior="diagonal_gaussian", config=None,
-                 **kwargs):
+    def __init__(
+        self,
+        encoder,
+        decoder,
+        data_shape=None,
+        likelihood="bernoulli",
+        prior="standard_normal",
+        posterior="diagonal_gaussian",
+        config=None,
+        **kwargs,
+    ):
         settings = {key: kwargs.pop(key) for key in CONFIG_FIELDS if key in kwargs}
         super().__init__(**kwargs)
         self.config = validate(dataclasses.replace(config or VAEConfig(), **settings))
@@ -61,18 +69,21 @@ class VAE(keras.Model):
         self.decoder = decoder
         self.likelihood = _piece("likelihood", likelihood)
         self.prior = _piece("prior", prior)
-        self.posterior = _piece("posterior", posterior, seed=self.config.seed,
-                                dtype=self.dtype_policy)
+        self.posterior = _piece(
+            "posterior", posterior, seed=self.config.seed, dtype=self.dtype_policy
+        )
         self.prior_samples = SeedStream(self.config.seed, name="prior_samples")
         if self.autoregressive and not isinstance(self.likelihood, BernoulliLikelihood):
             raise ValueError(
                 f"an autoregressive decoder draws binary data: it needs likelihood="
-                f"'bernoulli', got {self.likelihood.name!r}.")
-        if self.config.kl == "analytic" and not (self.prior.analytic_kl
-                                                 and self.posterior.analytic_kl):
+                f"'bernoulli', got {self.likelihood.name!r}."
+            )
+        if self.config.kl == "analytic" and not (
+            self.prior.analytic_kl and self.posterior.analytic_kl
+        ):
             raise ValueError(
-                f"KL({self.posterior.name} ‖ {self.prior.name}) has no closed form: use "
-                f"kl='mc'.")
+                f"KL({self.posterior.name} ‖ {self.prior.name}) has no closed form: use kl='mc'."
+            )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
@@ -83,8 +94,9 @@ class VAE(keras.Model):
     def build(self, input_shape):
         # Pieces restored by keras.saving.load_model arrive built.
         if not self.posterior.built:
-            self.posterior.build(self.encoder.compute_output_shape(tuple(input_shape)),
-                                 self.latent_dim)
+            self.posterior.build(
+                self.encoder.compute_output_shape(tuple(input_shape)), self.latent_dim
+            )
         if not self.prior.built:
             self.prior.build((self.latent_dim,))
         if not self.likelihood.built:
@@ -93,11 +105,17 @@ class VAE(keras.Model):
             if not self.decoder.built:
                 self.decoder.build()
         else:
-            shape = self.decoder.compute_output_shape((None, self.latent_dim))
+            try:
+                shape = self.decoder.compute_output_shape((None, self.latent_dim))
+            except ValueError as error:
+                raise ValueError(
+                    f"the decoder does not take z of shape (batch, {self.latent_dim}): {error}"
+                ) from None
             if tuple(shape[1:]) != self.data_shape:
                 raise ValueError(
                     f"the decoder maps z of shape (batch, {self.latent_dim}) to shape "
-                    f"{tuple(shape)}; the likelihood needs (batch,) + {self.data_shape}.")
+                    f"{tuple(shape)}; the likelihood needs (batch,) + {self.data_shape}."
+                )
         self.built = True
 
     @property
@@ -160,7 +178,8 @@ class VAE(keras.Model):
             if x is None:
                 x = self.decoder.draw(z, noise)
             return self.likelihood.distribution(
-                self.decoder(z, ops.convert_to_tensor(x, "float32"), training=training))
+                self.decoder(z, ops.convert_to_tensor(x, "float32"), training=training)
+            )
         leading = ops.shape(z)[:-1]
         # The networks take [n, d]; K samples per example arrive as [K, batch, d].
         params = self.decoder(ops.reshape(z, (-1, self.latent_dim)), training=training)
@@ -176,8 +195,9 @@ class VAE(keras.Model):
         step = ops.cast(self.optimizer.iterations + 1, "float32")
         return beta * ops.minimum(1.0, step / warmup)
 
-    def log_weights(self, x, num_samples=1, training=False, seed=None, epsilon=None,
-                    densities=True):
+    def log_weights(
+        self, x, num_samples=1, training=False, seed=None, epsilon=None, densities=True
+    ):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
         log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch] (None where
         the prior and posterior have none).
@@ -185,11 +205,18 @@ class VAE(keras.Model):
         ``epsilon`` ([K, batch or 1, d]) fixes the posterior's base noise of the z_k. With
         ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None).
         """
-        return self._sample_log_weights(x, num_samples, training, seed, epsilon,
-                                        densities)[1:]
+        return self._sample_log_weights(x, num_samples, training, seed, epsilon, densities)[1:]
 
-    def _sample_log_weights(self, x, num_samples, training, seed=None, epsilon=None,
-                            densities=True, stop_posterior=False):
+    def _sample_log_weights(
+        self,
+        x,
+        num_samples,
+        training,
+        seed=None,
+        epsilon=None,
+        densities=True,
+        stop_posterior=False,
+    ):
         """``log_weights`` preceded by the samples z [K, batch, d]; with ``stop_posterior``,
         log q(z_k|x) is differentiable in z_k only, not in q's parameters."""
         x = self.validated(x)
@@ -205,7 +232,8 @@ class VAE(keras.Model):
             return z, log_px_z, None, None, kl
         if stop_posterior:
             posterior = self.posterior.distribution(
-                {key: ops.stop_gradient(value) for key, value in params.items()})
+                {key: ops.stop_gradient(value) for key, value in params.items()}
+            )
         return z, log_px_z, prior.log_prob(z), posterior.log_prob(z), kl
 
     def _kl_estimate(self, log_pz, log_qz, kl_analytic):
@@ -224,8 +252,13 @@ class VAE(keras.Model):
         beta = self.current_beta() if beta is None else beta
         dreg = training and config.gradient_estimator == "dreg"
         z, log_px_z, log_pz, log_qz, kl_analytic = self._sample_log_weights(
-            x, config.num_samples, training, seed,
-            densities=config.kl == "mc" or config.objective == "iwae", stop_posterior=dreg)
+            x,
+            config.num_samples,
+            training,
+            seed,
+            densities=config.kl == "mc" or config.objective == "iwae",
+            stop_posterior=dreg,
+        )
         reconstruction_loss = -ops.mean(log_px_z, axis=0)
         kl_loss = self._kl_estimate(log_pz, log_qz, kl_analytic)
         if config.objective == "elbo":
@@ -296,8 +329,10 @@ class VAE(keras.Model):
         z_gradient = z_gradient * ops.expand_dims(1.0 - beta + beta * w_normalized, -1)
         encoder_gradients = tape.gradient(terms["z"], encoder_side, output_gradients=z_gradient)
         # In trainable_weights' order, which the optimizer's slots (and checkpoints) follow.
-        by_id = {id(v): g for v, g in zip(decoder_side + encoder_side,
-                                          decoder_gradients + encoder_gradients)}
+        by_id = {
+            id(v): g
+            for v, g in zip(decoder_side + encoder_side, decoder_gradients + encoder_gradients)
+        }
         return [by_id[id(v)] for v in self.trainable_weights]
 
     def test_step(self, data):
@@ -336,8 +371,7 @@ class VAE(keras.Model):
         noise = None
         if self.autoregressive:
             noise_seed = self.prior_samples.next() if seed is None else (seed, 1)
-            noise = tf.random.stateless_uniform((num_samples,) + self.data_shape,
-                                                seed=noise_seed)
+            noise = tf.random.stateless_uniform((num_samples,) + self.data_shape, seed=noise_seed)
         return self.decode(z, noise=noise).mean()
 
     def elbo(self, x, num_samples=1, seed=None):
@@ -350,7 +384,8 @@ class VAE(keras.Model):
         ``log_px`` = log (1/K) Σ_k p_θ(x|z_k) p(z_k) / q_φ(z_k|x), the importance-weighted
         estimate of log p_θ(x) (a lower bound in expectation, tight as K → ∞)."""
         log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
-            x, num_samples, seed=seed, epsilon=epsilon)
+            x, num_samples, seed=seed, epsilon=epsilon
+        )
         return {
             "elbo": ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic),
             "log_px": log_mean_exp(log_px_z + log_pz - log_qz),
@@ -378,10 +413,16 @@ class VAE(keras.Model):
         return x
 
     def get_config(self):
-        pieces = {name: keras.saving.serialize_keras_object(getattr(self, name))
-                  for name in ("encoder", "decoder", "likelihood", "prior", "posterior")}
-        return {**super().get_config(), **pieces, "data_shape": list(self.data_shape),
-                "config": dataclasses.asdict(self.config)}
+        pieces = {
+            name: keras.saving.serialize_keras_object(getattr(self, name))
+            for name in ("encoder", "decoder", "likelihood", "prior", "posterior")
+        }
+        return {
+            **super().get_config(),
+            **pieces,
+            "data_shape": list(self.data_shape),
+            "config": dataclasses.asdict(self.config),
+        }
 
     @classmethod
     def from_config(cls, config):
@@ -409,8 +450,7 @@ def _data_shape(encoder, data_shape):
     try:
         return tuple(int(n) for n in inputs[0].shape[1:])
     except (TypeError, IndexError, AttributeError):
-        raise ValueError("data_shape is needed: the encoder has no Input to read it from") \
-            from None
+        raise ValueError("data_shape is needed: the encoder has no Input to read it from") from None
 
 
 def log_mean_exp(values, axis=0):
@@ -421,8 +461,9 @@ def log_mean_exp(values, axis=0):
 
 def _spans_workers(strategy):
     """True when the strategy has replicas in other processes (multi-worker training)."""
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices)
 
 
 def _global_batch_size(x):

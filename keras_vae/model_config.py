@@ -30,35 +30,59 @@ class VAEConfig:
     """
 
     latent_dim: int = setting(8, "d, the size of z", check=positive, requirement="be >= 1")
-    beta: float = setting(1.0, "β, the weight of the KL term (and of log p(z) − log q(z|x) "
-                          "in the IWAE bound)", check=finite_nonnegative,
-                          requirement="be finite and >= 0")
+    beta: float = setting(
+        1.0,
+        "β, the weight of the KL term (and of log p(z) − log q(z|x) in the IWAE bound)",
+        check=finite_nonnegative,
+        requirement="be finite and >= 0",
+    )
     kl_warmup_steps: int = setting(
-        0, "β rises linearly from β/steps to β over this many optimizer steps (KL "
-        "annealing); 0: off", check=lambda v: v >= 0, requirement="be >= 0")
-    kl: str = setting("analytic", "the KL estimator: 'analytic' (closed form "
-                      "½Σ(σ² + μ² − 1 − log σ²), where the prior has one) or 'mc' (Monte "
-                      "Carlo, log q(z|x) − log p(z) on the model's samples)",
-                      choices=("analytic", "mc"))
-    objective: str = setting("elbo", "the training bound: 'elbo', or 'iwae' (the "
-                             "importance-weighted bound with num_samples samples)",
-                             choices=("elbo", "iwae"))
-    num_samples: int = setting(1, "K, the samples of z per example in the training "
-                               "objective", check=positive, requirement="be >= 1")
+        0,
+        "β rises linearly from β/steps to β over this many optimizer steps (KL annealing); 0: off",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
+    kl: str = setting(
+        "analytic",
+        "the KL estimator: 'analytic' (closed form "
+        "½Σ(σ² + μ² − 1 − log σ²), where the prior has one) or 'mc' (Monte "
+        "Carlo, log q(z|x) − log p(z) on the model's samples)",
+        choices=("analytic", "mc"),
+    )
+    objective: str = setting(
+        "elbo",
+        "the training bound: 'elbo', or 'iwae' (the "
+        "importance-weighted bound with num_samples samples)",
+        choices=("elbo", "iwae"),
+    )
+    num_samples: int = setting(
+        1,
+        "K, the samples of z per example in the training objective",
+        check=positive,
+        requirement="be >= 1",
+    )
     gradient_estimator: str = setting(
-        "reparam", "the encoder's gradient of the IWAE bound: 'reparam' (through z = μ + "
+        "reparam",
+        "the encoder's gradient of the IWAE bound: 'reparam' (through z = μ + "
         "σ ⊙ ε and q's parameters) or 'dreg' (doubly reparameterized, Tucker et al. 2019: "
         "same expectation, typically less variance; objective 'iwae' only)",
-        choices=("reparam", "dreg"))
+        choices=("reparam", "dreg"),
+    )
     seed: int | None = setting(0, "seed of the sampling noise, dropout and data order")
     check_inputs: bool = setting(
-        True, "assert that every batch is finite and in the likelihood's support (XLA drops "
-        "assertions: then compile leaves XLA off unless asked, and check the data first)")
+        True,
+        "assert that every batch is finite and in the likelihood's support (XLA drops "
+        "assertions: then compile leaves XLA off unless asked, and check the data first)",
+    )
 
     def rules(self):
-        return [("gradient_estimator",
-                 self.gradient_estimator != "dreg" or self.objective == "iwae",
-                 "'dreg' estimates the IWAE bound's gradient: it needs objective 'iwae'")]
+        return [
+            (
+                "gradient_estimator",
+                self.gradient_estimator != "dreg" or self.objective == "iwae",
+                "'dreg' estimates the IWAE bound's gradient: it needs objective 'iwae'",
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -66,22 +90,33 @@ class NetworkConfig:
     """The settings of the named network families (``keras_vae.networks.build``)."""
 
     architecture: str = setting(
-        "mlp", "encoder/decoder family: mlp, conv (strided 3×3 convolutions), made (an "
+        "mlp",
+        "encoder/decoder family: mlp, conv (strided 3×3 convolutions), made (an "
         "autoregressive MADE decoder, binary data), pixelcnn_made (MADE + masked "
-        "convolutions, single-channel images)", choices=lambda: registry.names("network"))
+        "convolutions, single-channel images)",
+        choices=lambda: registry.names("network"),
+    )
     hidden_units: tuple[int, ...] = setting(
-        (256, 128), "widths of the MLP layers (encoder order; the decoder mirrors them); "
+        (256, 128),
+        "widths of the MLP layers (encoder order; the decoder mirrors them); "
         "conv: the encoder's Dense layers after the convolutions",
-        check=lambda v: all(n >= 1 for n in v), requirement="have widths >= 1")
+        check=lambda v: all(n >= 1 for n in v),
+        requirement="have widths >= 1",
+    )
     filters: tuple[int, ...] = setting(
-        (32, 64), "conv: channels of the stride-2 convolutions; pixelcnn_made: the equal "
-        "widths of its masked convolutions", check=lambda v: len(v) >= 1 and min(v) >= 1,
-        requirement="have at least one width, each >= 1")
-    activation: str = setting("relu", "nonlinearity of the hidden layers (a Keras "
-                              "activation name)")
-    dropout: float = setting(0.0, "rate of dropout on the decoder's hidden units while "
-                             "training", check=unit_interval_open_right,
-                             requirement="be in [0, 1)")
+        (32, 64),
+        "conv: channels of the stride-2 convolutions; pixelcnn_made: the equal "
+        "widths of its masked convolutions",
+        check=lambda v: len(v) >= 1 and min(v) >= 1,
+        requirement="have at least one width, each >= 1",
+    )
+    activation: str = setting("relu", "nonlinearity of the hidden layers (a Keras activation name)")
+    dropout: float = setting(
+        0.0,
+        "rate of dropout on the decoder's hidden units while training",
+        check=unit_interval_open_right,
+        requirement="be in [0, 1)",
+    )
 
     @property
     def autoregressive(self):
@@ -90,10 +125,16 @@ class NetworkConfig:
 
     def rules(self):
         return [
-            ("hidden_units", not self.autoregressive or len(self.hidden_units) >= 1,
-             f"needs at least one width for architecture {self.architecture!r}"),
-            ("filters", self.architecture != "pixelcnn_made" or len(set(self.filters)) == 1,
-             "must be equal widths (residual layers) for architecture 'pixelcnn_made'"),
+            (
+                "hidden_units",
+                not self.autoregressive or len(self.hidden_units) >= 1,
+                f"needs at least one width for architecture {self.architecture!r}",
+            ),
+            (
+                "filters",
+                self.architecture != "pixelcnn_made" or len(set(self.filters)) == 1,
+                "must be equal widths (residual layers) for architecture 'pixelcnn_made'",
+            ),
         ]
 
 
@@ -102,13 +143,24 @@ class DistributionsConfig:
     """The likelihood p_θ(x|z), prior p(z) and posterior q_φ(z|x), by registered name."""
 
     likelihood: str = setting(
-        "bernoulli", "p_θ(x|z): bernoulli (binary data; logits), continuous_bernoulli ([0, 1] "
-        "data), gaussian (N(μ_θ(z), σ²I))", choices=lambda: registry.names("likelihood"))
-    sigma: float = setting(1.0, "the Gaussian likelihood's σ (its starting value if learned)",
-                           check=finite_positive, requirement="be finite and > 0")
-    learn_sigma: str = setting("none", "the Gaussian σ: fixed ('none'), one learned value "
-                               "('shared') or one per data element ('per_pixel')",
-                               choices=("none", "shared", "per_pixel"))
+        "bernoulli",
+        "p_θ(x|z): bernoulli (binary data; logits), continuous_bernoulli ([0, 1] "
+        "data), gaussian (N(μ_θ(z), σ²I))",
+        choices=lambda: registry.names("likelihood"),
+    )
+    sigma: float = setting(
+        1.0,
+        "the Gaussian likelihood's σ (its starting value if learned)",
+        check=finite_positive,
+        requirement="be finite and > 0",
+    )
+    learn_sigma: str = setting(
+        "none",
+        "the Gaussian σ: fixed ('none'), one learned value "
+        "('shared') or one per data element ('per_pixel')",
+        choices=("none", "shared", "per_pixel"),
+    )
     prior: str = setting("standard_normal", "p(z)", choices=lambda: registry.names("prior"))
-    posterior: str = setting("diagonal_gaussian", "q_φ(z|x)",
-                             choices=lambda: registry.names("posterior"))
+    posterior: str = setting(
+        "diagonal_gaussian", "q_φ(z|x)", choices=lambda: registry.names("posterior")
+    )

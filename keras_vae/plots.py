@@ -17,15 +17,17 @@ def _tile(images, columns, pad=1):
     """[n, H, W, C] → one mosaic of ``columns`` cells a row, ``pad`` pixels between cells
     (padding and blank cells are 0: white in the gray plots)."""
     if images.ndim != 4:
-        raise ValueError(f"cannot draw data of shape {images.shape[1:]} as images: that "
-                         f"needs (height, width, channels)")
+        raise ValueError(
+            f"cannot draw data of shape {images.shape[1:]} as images: that "
+            f"needs (height, width, channels)"
+        )
     n, h, w, c = images.shape
     rows = -(-n // columns)
     grid = np.zeros((rows * (h + pad) - pad, columns * (w + pad) - pad, c), images.dtype)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         top, left = r * (h + pad), col * (w + pad)
-        grid[top:top + h, left:left + w] = image
+        grid[top : top + h, left : left + w] = image
     return grid
 
 
@@ -85,8 +87,9 @@ def latent_scatter(z_mean, labels, path):
         names = ("z 1", "z 2") if dims == 2 else ("PC 1", "PC 2")
     fig = Figure(figsize=(6, 5))
     ax = fig.subplots()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels,
-                         cmap=None if labels is None else "tab10", s=6)
+    scatter = ax.scatter(
+        points[:, 0], points[:, 1], c=labels, cmap=None if labels is None else "tab10", s=6
+    )
     if labels is not None:
         fig.colorbar(scatter, ax=ax, label="label")
     ax.set_xlabel(names[0])

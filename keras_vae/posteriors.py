@@ -41,16 +41,23 @@ class DiagonalGaussian(keras.layers.Layer):
         self.z_log_var_head.build(features_shape)
 
     def call(self, features):
-        return {"z_mean": ops.cast(self.z_mean_head(features), "float32"),
-                "z_log_var": ops.cast(self.z_log_var_head(features), "float32")}
+        return {
+            "z_mean": ops.cast(self.z_mean_head(features), "float32"),
+            "z_log_var": ops.cast(self.z_log_var_head(features), "float32"),
+        }
 
     def distribution(self, params):
-        return tfd.MultivariateNormalDiag(loc=params["z_mean"],
-                                          scale_diag=ops.exp(0.5 * params["z_log_var"]))
+        return tfd.MultivariateNormalDiag(
+            loc=params["z_mean"], scale_diag=ops.exp(0.5 * params["z_log_var"])
+        )
 
     def sample(self, params, num_samples, seed=None, epsilon=None):
-        return self.sampling((params["z_mean"], params["z_log_var"]),
-                             num_samples=num_samples, seed=seed, epsilon=epsilon)
+        return self.sampling(
+            (params["z_mean"], params["z_log_var"]),
+            num_samples=num_samples,
+            seed=seed,
+            epsilon=epsilon,
+        )
 
     def mean(self, params):
         return params["z_mean"]

@@ -20,18 +20,29 @@ def finish(config, fitted):
     checkpoints = run_dir / "checkpoints"
     best, last = checkpoints / "best.keras", checkpoints / "last.keras"
     model = load_checkpoint(best if best.is_file() else last)
-    report, _ = evaluate(model, fitted.x_test, num_samples=FINAL_EVAL_SAMPLES,
-                         seed=config.model.seed)
-    metrics = {"epochs_completed": checkpoint_state(last)["epochs_completed"],
-               "checkpoint": "best.keras" if best.is_file() else "last.keras",
-               "test": report}
+    report, _ = evaluate(
+        model, fitted.x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.model.seed
+    )
+    metrics = {
+        "epochs_completed": checkpoint_state(last)["epochs_completed"],
+        "checkpoint": "best.keras" if best.is_file() else "last.keras",
+        "test": report,
+    }
     files.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if config.output.plots:
-        write_plots(model, run_dir / "plots", read_history(run_dir / "history.csv"),
-                    fitted.x_test, fitted.y_test, config.model.seed)
+        write_plots(
+            model,
+            run_dir / "plots",
+            read_history(run_dir / "history.csv"),
+            fitted.x_test,
+            fitted.y_test,
+            config.model.seed,
+        )
     export_path = export_model(model, config.output.export_dir, config.output.export_name)
-    files.write_text(run_dir / "export.json",
-                     json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n")
+    files.write_text(
+        run_dir / "export.json",
+        json.dumps({"saved_model": str(export_path.resolve())}, indent=2) + "\n",
+    )
     return model, metrics, export_path
 
 
@@ -43,8 +54,9 @@ def write_plots(model, folder, history, x_test, y_test, seed=0):
     plots.latent_scatter(z_mean, y_test, folder / "latent.png")
     if len(model.data_shape) != 3:
         return
-    plots.reconstructions(x_test, model.reconstruct(x_test[:16]).numpy(),
-                          folder / "reconstructions.png")
+    plots.reconstructions(
+        x_test, model.reconstruct(x_test[:16]).numpy(), folder / "reconstructions.png"
+    )
     plots.samples(model.sample(64, seed=seed).numpy(), folder / "samples.png")
     if model.latent_dim == 2:
         plots.manifold(lambda z: model.decode(z).mean().numpy(), folder / "manifold.png")

@@ -42,9 +42,16 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         with files.atomic_path(self.folder / name) as tmp:
             self.model.save(tmp)
             with zipfile.ZipFile(tmp, "a") as archive:
-                archive.writestr(STATE_ENTRY, json.dumps(
-                    {"epochs_completed": epochs_completed, "best_val_elbo": self.best,
-                     "best_epoch": self.best_epoch}))
+                archive.writestr(
+                    STATE_ENTRY,
+                    json.dumps(
+                        {
+                            "epochs_completed": epochs_completed,
+                            "best_val_elbo": self.best,
+                            "best_epoch": self.best_epoch,
+                        }
+                    ),
+                )
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -75,8 +82,10 @@ def checkpoint_state(path):
         raise ValueError(f"{path} is not a keras-vae checkpoint: not a zip archive")
     with zipfile.ZipFile(path) as archive:
         if STATE_ENTRY not in archive.namelist():
-            raise ValueError(f"{path} is not a keras-vae checkpoint: it has no {STATE_ENTRY} "
-                             f"(a model saved with model.save cannot be resumed)")
+            raise ValueError(
+                f"{path} is not a keras-vae checkpoint: it has no {STATE_ENTRY} "
+                f"(a model saved with model.save cannot be resumed)"
+            )
         return json.loads(archive.read(STATE_ENTRY))
 
 
@@ -105,14 +114,18 @@ def _check_resumed_config(saved, config, epochs_done):
     a learning-rate schedule that would rewrite epochs already trained, so that the run's
     config.json keeps describing exactly how it was trained."""
     saved_values, values = saved.to_dict(), config.to_dict()
-    changed = [f"{key}: {saved_values[section][key]!r} -> {value!r}"
-               for section, keys in values.items() for key, value in keys.items()
-               if key not in RESUMABLE.get(section, ()) and value != saved_values[section][key]]
+    changed = [
+        f"{key}: {saved_values[section][key]!r} -> {value!r}"
+        for section, keys in values.items()
+        for key, value in keys.items()
+        if key not in RESUMABLE.get(section, ()) and value != saved_values[section][key]
+    ]
     if changed:
         resumable = ", ".join(key for keys in RESUMABLE.values() for key in keys)
         raise ConfigError(
             f"a resumed run keeps its saved config; only {resumable} may change (got "
-            f"{'; '.join(changed)})")
+            f"{'; '.join(changed)})"
+        )
     for epoch in range(epochs_done):
         before = saved.training.learning_rate_at(epoch)
         after = config.training.learning_rate_at(epoch)
@@ -120,7 +133,8 @@ def _check_resumed_config(saved, config, epochs_done):
             raise ConfigError(
                 f"a resumed run may change the learning rate of epochs not trained yet only: "
                 f"epoch {epoch} (0-based; {epochs_done} are done) ran at {before!r}, the new "
-                f"lr_decay_epochs/lr_decay_factor give {after!r}")
+                f"lr_decay_epochs/lr_decay_factor give {after!r}"
+            )
 
 
 def trim_history(path, epochs):
@@ -153,8 +167,11 @@ def read_history(path):
     validation columns of a run without validation data, and those are left out."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return {key: [float(row[key]) for row in rows] for key in rows[0]
-            if key != "epoch" and "NA" not in {row[key] for row in rows}}
+    return {
+        key: [float(row[key]) for row in rows]
+        for key in rows[0]
+        if key != "epoch" and "NA" not in {row[key] for row in rows}
+    }
 
 
 def starting_point(run_dir, config, resume):
@@ -170,14 +187,17 @@ def starting_point(run_dir, config, resume):
     saved = saved_config(run_dir)
     if last.is_file():
         resumed_from, state = last, checkpoint_state(last)
-    elif (trained_epochs(run_dir / "history.csv") or (run_dir / "metrics.json").exists()
-          or (last.parent / "best.keras").exists()):
-        raise FileNotFoundError(f"cannot resume {run_dir}: it has trained (history.csv, "
-                                f"metrics.json or best.keras), but there is no checkpoint "
-                                f"at {last}")
+    elif (
+        trained_epochs(run_dir / "history.csv")
+        or (run_dir / "metrics.json").exists()
+        or (last.parent / "best.keras").exists()
+    ):
+        raise FileNotFoundError(
+            f"cannot resume {run_dir}: it has trained (history.csv, "
+            f"metrics.json or best.keras), but there is no checkpoint "
+            f"at {last}"
+        )
     else:
         resumed_from, state = None, start
     _check_resumed_config(saved, config, state["epochs_completed"])
     return resumed_from, state
-
-

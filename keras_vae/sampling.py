@@ -26,19 +26,28 @@ class Dropout(SavesSeedState, keras.layers.Dropout):
 
     def call(self, inputs, training=False):
         context = tf.distribute.get_replica_context()
-        if (not training or self.rate in (0, 1) or context is None  # rate 0 or 1: no mask
-                or context.num_replicas_in_sync == 1):
+        if (
+            not training
+            or self.rate in (0, 1)
+            or context is None  # rate 0 or 1: no mask
+            or context.num_replicas_in_sync == 1
+        ):
             return super().call(inputs, training=training)
         # Every replica holds the same seed state, so Keras's dropout would drop the same
         # units on each replica's share of the batch; the replica's index, folded into the
         # seed, makes the masks independent. (Unlike Sampling's ε, the masks are not sliced
         # from one global draw: a decoder's rows are K samples × batch, flattened.)
-        seed = tf.random.experimental.stateless_fold_in(self.seed_generator.next(),
-                                                        context.replica_id_in_sync_group)
-        noise_shape = None if self.noise_shape is None else [
-            tf.shape(inputs)[i] if n is None else n for i, n in enumerate(self.noise_shape)]
-        return tf.nn.experimental.stateless_dropout(inputs, self.rate, seed,
-                                                    noise_shape=noise_shape)
+        seed = tf.random.experimental.stateless_fold_in(
+            self.seed_generator.next(), context.replica_id_in_sync_group
+        )
+        noise_shape = (
+            None
+            if self.noise_shape is None
+            else [tf.shape(inputs)[i] if n is None else n for i, n in enumerate(self.noise_shape)]
+        )
+        return tf.nn.experimental.stateless_dropout(
+            inputs, self.rate, seed, noise_shape=noise_shape
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")

@@ -24,14 +24,17 @@ def rest_request(signature, inputs, row_format=True):
     if row_format:
         sizes = {name: a.shape[0] if a.ndim else None for name, a in arrays.items()}
         if len(set(sizes.values())) != 1 or None in sizes.values():
-            got = ", ".join(f"{name}: {'scalar' if size is None else size}"
-                            for name, size in sizes.items()) or "no inputs"
+            got = (
+                ", ".join(
+                    f"{name}: {'scalar' if size is None else size}" for name, size in sizes.items()
+                )
+                or "no inputs"
+            )
             raise ValueError(f"row format needs equal batch sizes; got {got}")
         (size,) = set(sizes.values())
         instances = [{name: a[i].tolist() for name, a in arrays.items()} for i in range(size)]
         return {"signature_name": signature, "instances": instances}
-    return {"signature_name": signature,
-            "inputs": {name: a.tolist() for name, a in arrays.items()}}
+    return {"signature_name": signature, "inputs": {name: a.tolist() for name, a in arrays.items()}}
 
 
 def parse_rest_response(body):
@@ -52,8 +55,7 @@ def parse_rest_response(body):
 def predict_rest(url, signature, inputs, row_format=True, timeout=30):
     """POSTs to ``url`` (…/v1/models/NAME:predict) and returns the parsed outputs."""
     data = json.dumps(rest_request(signature, inputs, row_format)).encode()
-    request = urllib.request.Request(url, data=data,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return parse_rest_response(json.loads(response.read()))
 
@@ -85,6 +87,5 @@ def predict_grpc(channel, model_name, signature, inputs, version=None, timeout=3
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    response = stub.Predict(grpc_request(model_name, signature, inputs, version),
-                            timeout=timeout)
+    response = stub.Predict(grpc_request(model_name, signature, inputs, version), timeout=timeout)
     return parse_grpc_response(response)

@@ -10,6 +10,7 @@ than converting a value of another type. This module imports no TensorFlow, so t
 
 import dataclasses
 import math
+import numbers
 import typing
 
 
@@ -25,8 +26,13 @@ def setting(default, help, choices=None, check=None, requirement=None, flag=None
     ``requirement`` the phrase that completes "must ..." in its error; ``flag``: the
     command-line name when it is not the field's name.
     """
-    metadata = {"help": help, "choices": choices, "check": check,
-                "requirement": requirement, "flag": flag}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "check": check,
+        "requirement": requirement,
+        "flag": flag,
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting defaults must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,6 +70,7 @@ def validate(instance):
     returns ``instance``."""
     for field in dataclasses.fields(instance):
         value = getattr(instance, field.name)
+        coerce(field.name, value, field.type)
         choices = choices_of(field)
         if choices is not None and value not in choices:
             fail(field.name, f"must be one of {tuple(choices)}", value)
@@ -103,7 +110,7 @@ def coerce(key, value, annotation, from_text=False):
         if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
             fail(key, "must be a list of integers", value)
         return tuple(value)
-    if kind is float and _is_int(value):
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     if kind is int and not _is_int(value) or kind is not int and not isinstance(value, kind):
         fail(key, f"must be of type {type_name}", value)
@@ -111,7 +118,7 @@ def coerce(key, value, annotation, from_text=False):
 
 
 def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _parse(key, text, kind):

@@ -77,15 +77,13 @@ def _stream(dataset):
 
 def test_training_stream_resumes_with_the_same_batches():
     x = np.random.default_rng(0).uniform(size=(10, 2, 2, 1)).astype("float32")
-    full = _stream(data.training_dataset(x, 4, seed=3, binarize=True, initial_epoch=0,
-                                         epochs=4))
-    resumed = _stream(data.training_dataset(x, 4, seed=3, binarize=True, initial_epoch=2,
-                                            epochs=4))
+    full = _stream(data.training_dataset(x, 4, seed=3, binarize=True, initial_epoch=0, epochs=4))
+    resumed = _stream(data.training_dataset(x, 4, seed=3, binarize=True, initial_epoch=2, epochs=4))
     steps = data.steps_per_epoch(10, 4)
     assert steps == 3 and len(full) == 4 * steps
     # Autotuning off: on 2 cores it halved the training speed of many runs (data.py).
     assert data.training_dataset(x, 4, 3, True, 0, 1).options().autotune.enabled is False
-    for a, b in zip(full[2 * steps:], resumed):
+    for a, b in zip(full[2 * steps :], resumed):
         np.testing.assert_array_equal(a, b)
 
 

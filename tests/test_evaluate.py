@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import make_vae
 from test_math import LATENT, SIGMA, D, ppca, ppca_log_px, ppca_vae
 
 from keras_vae.cli import load_run_or_model, main
@@ -18,10 +19,17 @@ def ppca_case():
     x = rng.normal(size=(40, LATENT)) @ w.T + b + SIGMA * rng.normal(size=(40, D))
     model = ppca_vae(w, b)
     rng = np.random.default_rng(2)
-    for head in (model.z_mean_head, model.z_log_var_head):  # a poorer encoder: a real gap
+    for head in (
+        model.posterior.z_mean_head,
+        model.posterior.z_log_var_head,
+    ):  # a poorer encoder: a real gap
         kernel, bias = head.get_weights()
-        head.set_weights([kernel + rng.normal(scale=0.1, size=kernel.shape),
-                          bias + rng.normal(scale=0.1, size=bias.shape)])
+        head.set_weights(
+            [
+                kernel + rng.normal(scale=0.1, size=kernel.shape),
+                bias + rng.normal(scale=0.1, size=bias.shape),
+            ]
+        )
     return model, x.astype("float32"), ppca_log_px(x, w, b)
 
 
@@ -33,9 +41,11 @@ def test_k_ladder():
 
 def test_bad_arguments_are_named(ppca_case):
     model, x, _ = ppca_case
-    for kwargs, message in [({"num_samples": 0}, "num_samples must be >= 1; got 0"),
-                            ({"batch_size": -1}, "batch_size must be >= 1; got -1"),
-                            ({"chunk_size": 0}, "chunk_size must be >= 1; got 0")]:
+    for kwargs, message in [
+        ({"num_samples": 0}, "num_samples must be >= 1; got 0"),
+        ({"batch_size": -1}, "batch_size must be >= 1; got -1"),
+        ({"chunk_size": 0}, "chunk_size must be >= 1; got 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             importance_weighted(model, x, **{"num_samples": 10, **kwargs})
     with pytest.raises(ValueError, match="nothing to evaluate: x has no examples"):
@@ -90,15 +100,15 @@ def test_report_in_nats_and_bits_per_dim(ppca_case):
     assert report["num_examples"] == 40 and report["k"] == 100
     assert list(report["log_px_by_k"]) == ["1", "10", "100"]
     np.testing.assert_allclose(report["log_px"]["mean"], scores["log_px"].mean())
+    np.testing.assert_allclose(report["log_px"]["se"], scores["log_px"].std(ddof=1) / np.sqrt(40))
     np.testing.assert_allclose(
-        report["log_px"]["se"], scores["log_px"].std(ddof=1) / np.sqrt(40))
-    np.testing.assert_allclose(report["gap"]["mean"],
-                               report["log_px"]["mean"] - report["elbo"]["mean"])
+        report["gap"]["mean"], report["log_px"]["mean"] - report["elbo"]["mean"]
+    )
     assert report["bits_per_dim"] is None  # a Gaussian density: no bits/dim
 
 
 def test_bits_per_dim_of_binary_data(digits):
-    model = VAE((8, 8, 1), latent_dim=2, hidden_units=(16,), seed=0)
+    model = make_vae((8, 8, 1), latent_dim=2, hidden_units=(16,), seed=0)
     x = (digits[:20] > 0.5).astype("float32")
     report, scores = evaluate(model, x, num_samples=10)
     np.testing.assert_allclose(report["bits_per_dim"], -scores["log_px"].mean() / (64 * np.log(2)))
@@ -106,8 +116,15 @@ def test_bits_per_dim_of_binary_data(digits):
 
 def test_iwae_objective(digits):
     x = digits[:32]
-    k1 = VAE((8, 8, 1), latent_dim=4, hidden_units=(16,), objective="iwae", num_samples=1,
-             kl="mc", seed=0)
+    k1 = make_vae(
+        (8, 8, 1),
+        latent_dim=4,
+        hidden_units=(16,),
+        objective="iwae",
+        num_samples=1,
+        kl="mc",
+        seed=0,
+    )
     terms = k1.compute_terms(x, seed=3)
     np.testing.assert_allclose(terms["loss"], -terms["elbo"], rtol=1e-6)  # K = 1: the ELBO
     k5 = VAE.from_config({**k1.get_config(), "num_samples": 5})
@@ -124,16 +141,34 @@ def test_iwae_objective(digits):
 def run_dir(tmp_path_factory):
     """A run trained on the digits for one epoch."""
     tmp_path = tmp_path_factory.mktemp("trained")
-    assert main(["train", "--epochs", "1", "--hidden-units", "16", "--latent-dim", "3",
-                 "--plots", "false", "--quiet", "--run-dir", str(tmp_path / "run"),
-                 "--export-dir", str(tmp_path / "sm")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--hidden-units",
+                "16",
+                "--latent-dim",
+                "3",
+                "--plots",
+                "false",
+                "--quiet",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--export-dir",
+                str(tmp_path / "sm"),
+            ]
+        )
+        == 0
+    )
     return tmp_path / "run"
 
 
 def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(run_dir, tmp_path, capsys):
     model, config, _ = load_run_or_model(run_dir)
     from keras_vae.data import load
-    from keras_vae.train import evaluation_copy
+    from keras_vae.fitting import evaluation_copy
 
     x = evaluation_copy(config, load("digits").x_test)[:50]
     in_memory, _ = evaluate(model, x, num_samples=20, seed=1)
@@ -145,8 +180,20 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(run_dir, tmp_path
     assert "not inside a run directory: name its data with --data" in capsys.readouterr().err
     for target in (run_dir, run_dir / "checkpoints" / "best.keras", elsewhere):
         out = tmp_path / f"{target.name}.json"
-        args = ["evaluate", str(target), "--k", "20", "--seed", "1", "--limit", "50",
-                "--output", str(out), "--per-example", str(tmp_path / "scores.npz")]
+        args = [
+            "evaluate",
+            str(target),
+            "--k",
+            "20",
+            "--seed",
+            "1",
+            "--limit",
+            "50",
+            "--output",
+            str(out),
+            "--per-example",
+            str(tmp_path / "scores.npz"),
+        ]
         if target == elsewhere:
             args += ["--data", "digits", "--binarize", "dynamic"]
         assert main(args) == 0
@@ -165,21 +212,21 @@ def test_cli_evaluate_names_bad_input(run_dir, tmp_path, capsys):
     shifted = x[:, :6, :6]
     cases = [
         # Checked before the test set is binarized, which would turn both into 0s and 1s.
-        ({"x_test": nan}, [], "keras_vae: the data contains NaN or inf"),
+        ({"x_test": nan}, [], "the data contains NaN or inf"),
         ({"x_test": x * 16}, ["--binarize", "none"], r"needs data in [0, 1]"),
         ({"x_test": x * 16}, [], r"needs data in [0, 1]"),
         ({"x_test": shifted}, [], "expects inputs of shape (batch,) + (8, 8, 1); got shape"),
     ]
     for arrays, flags, message in cases:
         np.savez(tmp_path / "d.npz", x_train=x, **arrays)
-        assert main(["evaluate", str(run_dir), "--data", f"npz:{tmp_path / 'd.npz'}",
-                     *flags]) == 2, message
+        assert (
+            main(["evaluate", str(run_dir), "--data", f"npz:{tmp_path / 'd.npz'}", *flags]) == 2
+        ), message
         assert message in capsys.readouterr().err
     for flag, value in (("--limit", "0"), ("--k", "-3"), ("--chunk-size", "2.5")):
         with pytest.raises(SystemExit):
             main(["evaluate", str(run_dir), flag, value])
-        assert f"argument {flag}: must be an integer >= 1; got '{value}'" \
-            in capsys.readouterr().err
+        assert f"argument {flag}: must be an integer >= 1; got '{value}'" in capsys.readouterr().err
     (tmp_path / "junk.keras").write_bytes(b"not a model")
     assert main(["evaluate", str(tmp_path / "junk.keras"), "--data", "digits"]) == 2
     assert "junk.keras is not a .keras model: not a zip archive" in capsys.readouterr().err

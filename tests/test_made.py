@@ -7,23 +7,35 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_vae, posterior_params, run_config
 
-from keras_vae import VAE
-from keras_vae.config import ConfigError, RunConfig
+from keras_vae import VAE, networks
 from keras_vae.export import export_model
-from keras_vae.networks import AUTOREGRESSIVE, MADEDecoder, PixelCNNMADEDecoder
+from keras_vae.networks.made import MADEDecoder
+from keras_vae.networks.pixelcnn_made import PixelCNNMADEDecoder
+from keras_vae.settings import ConfigError
+
+AUTOREGRESSIVE = ("made", "pixelcnn_made")
 
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
 
 
 def random_made(architecture="made", **kwargs):
     keras.utils.set_random_seed(0)
-    model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(12, 9),
-                filters=(5, 5, 5), activation="tanh", seed=0, **kwargs)
+    model = make_vae(
+        SHAPE,
+        latent_dim=3,
+        architecture=architecture,
+        hidden_units=(12, 9),
+        filters=(5, 5, 5),
+        activation="tanh",
+        seed=0,
+        **kwargs,
+    )
     # Every weight random, the direct kernel and pixel head too (they start at zero), so
     # that no connection the masks allow is silently absent.
     rng = np.random.default_rng(0)
-    for weight in model.decoder_network.trainable_weights:
+    for weight in model.decoder.trainable_weights:
         weight.assign(rng.normal(scale=0.5, size=weight.shape).astype("float32"))
     return model
 
@@ -83,18 +95,17 @@ def numpy_pixel_logits(decoder, images):
 
 def test_logits_match_the_definition(made, rng):
     x, z = binary(rng, 6), rng.normal(size=(6, 3)).astype("float32")
-    logits = made.decoder_network(z, x).numpy().reshape(6, -1)
-    np.testing.assert_allclose(logits, numpy_logits(made.decoder_network, z, x),
-                               rtol=1e-4, atol=1e-4)
+    logits = made.decoder(z, x).numpy().reshape(6, -1)
+    np.testing.assert_allclose(logits, numpy_logits(made.decoder, z, x), rtol=1e-4, atol=1e-4)
 
 
 def test_logit_d_depends_on_x_before_d_and_on_all_of_them(made, rng):
     x, z = binary(rng, 2), rng.normal(size=(5, 2, 3)).astype("float32")
-    logits = made.decoder_network(z, x).numpy().reshape(5, 2, 16)
+    logits = made.decoder(z, x).numpy().reshape(5, 2, 16)
     for j in range(16):
         flipped = x.reshape(2, 16).copy()
         flipped[:, j] = 1 - flipped[:, j]
-        changed = made.decoder_network(z, flipped.reshape((2,) + SHAPE)).numpy()
+        changed = made.decoder(z, flipped.reshape((2,) + SHAPE)).numpy()
         changed = np.abs(changed.reshape(5, 2, 16) - logits).max(axis=(0, 1)) > 0
         np.testing.assert_array_equal(changed, np.arange(16) > j, err_msg=f"flipped x_{j}")
 
@@ -104,12 +115,13 @@ def test_dropout_keeps_the_autoregressive_order_while_training(architecture, rng
     model = random_made(architecture, dropout=0.5)
     x = tf.constant(binary(rng, 1))
     z = rng.normal(size=(1, 3)).astype("float32")
-    inference = model.decoder_network(z, x).numpy().reshape(16)
-    np.testing.assert_allclose(inference, numpy_logits(model.decoder_network, z, x.numpy())[0],
-                               rtol=1e-4, atol=1e-4)
+    inference = model.decoder(z, x).numpy().reshape(16)
+    np.testing.assert_allclose(
+        inference, numpy_logits(model.decoder, z, x.numpy())[0], rtol=1e-4, atol=1e-4
+    )
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logits = tf.reshape(model.decoder_network(z, x, training=True), (16,))
+        logits = tf.reshape(model.decoder(z, x, training=True), (16,))
     # ∂ℓ_d/∂x_j of one draw of the dropout masks: zero for j ≥ d, as without dropout.
     jacobian = tape.jacobian(logits, x).numpy().reshape(16, 16)
     np.testing.assert_array_equal(jacobian[np.triu_indices(16)], 0.0)
@@ -119,12 +131,12 @@ def test_dropout_keeps_the_autoregressive_order_while_training(architecture, rng
 
 def test_the_hidden_path_alone_carries_x1_to_every_later_logit(rng):
     model = random_made()
-    model.decoder_network.direct_kernel.assign(np.zeros((16, 16), "float32"))
+    model.decoder.direct_kernel.assign(np.zeros((16, 16), "float32"))
     x, z = binary(rng, 2), rng.normal(size=(2, 3)).astype("float32")
     flipped = x.copy().reshape(2, 16)
     flipped[:, 0] = 1 - flipped[:, 0]
-    before = model.decoder_network(z, x).numpy().reshape(2, 16)
-    after = model.decoder_network(z, flipped.reshape((2,) + SHAPE)).numpy().reshape(2, 16)
+    before = model.decoder(z, x).numpy().reshape(2, 16)
+    after = model.decoder(z, flipped.reshape((2,) + SHAPE)).numpy().reshape(2, 16)
     changed = np.abs(after - before).max(axis=0) > 0
     np.testing.assert_array_equal(changed, np.arange(16) > 0)
 
@@ -152,15 +164,16 @@ def test_drawn_images_follow_their_own_conditionals(made, rng):
     drawn = made.decode(z, noise=noise)
     # x_d = 1[u_d < p(x_d = 1 | x_<d, z)], the conditionals recomputed on the drawn x.
     x = (noise < drawn.mean().numpy()).astype("float32")
-    np.testing.assert_array_equal(
-        drawn.mean().numpy(), made.decode(z, x).mean().numpy())
+    np.testing.assert_array_equal(drawn.mean().numpy(), made.decode(z, x).mean().numpy())
     greedy = made.decode(z).mean().numpy()
     np.testing.assert_array_equal(
-        greedy, made.decode(z, (greedy > 0.5).astype("float32")).mean().numpy())
+        greedy, made.decode(z, (greedy > 0.5).astype("float32")).mean().numpy()
+    )
     z = tf.random.stateless_normal((5, 3), seed=[2, 0])
     noise = tf.random.stateless_uniform((5,) + SHAPE, seed=[2, 1])
-    np.testing.assert_array_equal(made.sample(5, seed=2).numpy(),
-                                  made.decode(z, noise=noise).mean().numpy())
+    np.testing.assert_array_equal(
+        made.sample(5, seed=2).numpy(), made.decode(z, noise=noise).mean().numpy()
+    )
     with pytest.raises(ValueError, match=r"takes z of shape \(n, 3\); got shape \(2, 8, 3\)"):
         made.decode(tf.zeros((2, 8, 3)))
 
@@ -168,26 +181,29 @@ def test_drawn_images_follow_their_own_conditionals(made, rng):
 def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
     x, epsilon = binary(rng, 7), rng.normal(size=(4, 7, 3)).astype("float32")
     log_px_z, log_pz, _, _ = made.log_weights(x, epsilon=epsilon)
-    mu, log_var = (t.numpy().astype("float64") for t in made.encode_params(x))
+    mu, log_var = (t.numpy().astype("float64") for t in posterior_params(made, x))
     z = mu + np.exp(0.5 * log_var) * epsilon
     flat = x.reshape(7, 16).astype("float64")
     for k in range(4):
-        logits = numpy_logits(made.decoder_network, z[k], x)
+        logits = numpy_logits(made.decoder, z[k], x)
         expected = np.sum(flat * logits - np.logaddexp(0, logits), axis=1)
         np.testing.assert_allclose(log_px_z.numpy()[k], expected, rtol=1e-4)
-    np.testing.assert_allclose(log_pz.numpy(),
-                               -0.5 * np.sum(z**2 + np.log(2 * np.pi), -1), rtol=1e-5)
+    np.testing.assert_allclose(
+        log_pz.numpy(), -0.5 * np.sum(z**2 + np.log(2 * np.pi), -1), rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("architecture, dropout", [("made", 0.0), ("made", 0.3),
-                                                   ("pixelcnn_made", 0.3)])
+@pytest.mark.parametrize(
+    "architecture, dropout", [("made", 0.0), ("made", 0.3), ("pixelcnn_made", 0.3)]
+)
 def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
     made = random_made(architecture, dropout=dropout)
     made.save(tmp_path / "made.keras")
     loaded = keras.saving.load_model(tmp_path / "made.keras")
     x, epsilon = binary(rng, 5), rng.normal(size=(3, 5, 3)).astype("float32")
-    for got, want in zip(loaded.log_weights(x, epsilon=epsilon),
-                         made.log_weights(x, epsilon=epsilon)):
+    for got, want in zip(
+        loaded.log_weights(x, epsilon=epsilon), made.log_weights(x, epsilon=epsilon)
+    ):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_array_equal(loaded.sample(4, seed=5), made.sample(4, seed=5))
 
@@ -195,12 +211,20 @@ def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
 def test_mixed_precision_trains_with_float32_logits(architecture, precision, rng):
-    model = VAE(SHAPE, latent_dim=3, architecture=architecture, hidden_units=(8,),
-                filters=(4, 4), dropout=0.3, dtype=precision, seed=0)
+    model = make_vae(
+        SHAPE,
+        latent_dim=3,
+        architecture=architecture,
+        hidden_units=(8,),
+        filters=(4, 4),
+        dropout=0.3,
+        dtype=precision,
+        seed=0,
+    )
     model.compile(optimizer="adam")
     history = model.fit(binary(rng, 64), batch_size=32, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
-    assert model.decoder_network(tf.zeros((2, 3)), binary(rng, 2)).dtype == "float32"
+    assert model.decoder(tf.zeros((2, 3)), binary(rng, 2)).dtype == "float32"
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
@@ -213,11 +237,15 @@ def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
     x = tf.constant(rng.random((64,) + shape) < 0.3, "float32")
     z = tf.constant(rng.normal(size=(50, 64, latent_dim)), "float32")
     if architecture == "made":
-        decoders = [MADEDecoder(shape, latent_dim, hidden_units=(32,), dtype=dtype)
-                    for dtype in ("float32", precision)]
+        decoders = [
+            MADEDecoder(shape, latent_dim, hidden_units=(32,), dtype=dtype)
+            for dtype in ("float32", precision)
+        ]
     else:
-        decoders = [PixelCNNMADEDecoder(shape, latent_dim, hidden_units=(32,), filters=(8, 8),
-                                        dtype=dtype) for dtype in ("float32", precision)]
+        decoders = [
+            PixelCNNMADEDecoder(shape, latent_dim, hidden_units=(32,), filters=(8, 8), dtype=dtype)
+            for dtype in ("float32", precision)
+        ]
     gradients = []
     for decoder in decoders:
         decoder(z, x)
@@ -239,37 +267,51 @@ def test_export_serves_the_models_outputs(made, rng, tmp_path):
     path = export_model(made, tmp_path, "made")
     served = tf.saved_model.load(str(path)).signatures
     x, z = binary(rng, 4), rng.normal(size=(4, 3)).astype("float32")
-    np.testing.assert_allclose(served["serving_default"](x=x)["reconstruction"].numpy(),
-                               made.reconstruct(x).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        served["serving_default"](x=x)["reconstruction"].numpy(),
+        made.reconstruct(x).numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     decoded = served["decode"](z=z)
-    np.testing.assert_allclose(decoded["mean"].numpy(), made.decode(z).mean().numpy(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        decoded["mean"].numpy(), made.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
+    )
     seeds = np.array([3, 7], "int64")
     sample = served["sample"](seed=seeds)
     noise = np.stack([tf.random.stateless_uniform(SHAPE, seed=[s, 1]).numpy() for s in seeds])
-    np.testing.assert_allclose(sample["mean"].numpy(),
-                               made.decode(sample["z"], noise=noise).mean().numpy(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sample["mean"].numpy(),
+        made.decode(sample["z"], noise=noise).mean().numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_made_needs_binary_data_and_a_hidden_layer():
+    encoder, decoder = networks.build("made", SHAPE, 3, hidden_units=(8,))
     with pytest.raises(ValueError, match="likelihood='bernoulli'"):
-        VAE(SHAPE, architecture="made", likelihood="gaussian")
+        VAE(encoder, decoder, latent_dim=3, likelihood="gaussian")
+    with pytest.raises(ValueError, match="'hidden_units' needs at least one width"):
+        make_vae(SHAPE, architecture="made", hidden_units=())
     with pytest.raises(ValueError, match="needs at least one hidden layer"):
-        VAE(SHAPE, architecture="made", hidden_units=())
+        MADEDecoder(SHAPE, 3, hidden_units=())
     with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli'"):
-        RunConfig(architecture="made", likelihood="gaussian").validate()
+        run_config(architecture="made", likelihood="gaussian")
     with pytest.raises(ConfigError, match="'binarize' must binarize the data"):
-        RunConfig(architecture="made", binarize="none").validate()
-    with pytest.raises(ConfigError, match="'likelihood' must be 'bernoulli' for architecture "
-                                          "'pixelcnn_made'"):
-        RunConfig(architecture="pixelcnn_made", likelihood="gaussian").validate()
+        run_config(architecture="made", binarize="none")
+    with pytest.raises(
+        ConfigError, match="'likelihood' must be 'bernoulli' for architecture 'pixelcnn_made'"
+    ):
+        run_config(architecture="pixelcnn_made", filters=(4, 4), likelihood="gaussian")
     with pytest.raises(ConfigError, match="'filters' must be equal widths"):
-        RunConfig(architecture="pixelcnn_made", filters=(32, 64)).validate()
+        run_config(architecture="pixelcnn_made", filters=(32, 64))
 
 
 def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():
     with pytest.raises(ValueError, match=r"shape \(height, width, 1\); got data_shape=\(4, 4, 3\)"):
-        VAE((4, 4, 3), architecture="pixelcnn_made", filters=(4, 4))
+        make_vae((4, 4, 3), architecture="pixelcnn_made", filters=(4, 4))
+    with pytest.raises(ValueError, match=r"'filters' must be equal widths .*got \(4, 8\)"):
+        make_vae(SHAPE, architecture="pixelcnn_made", filters=(4, 8))
     with pytest.raises(ValueError, match=r"equal convolution widths .*got filters=\(4, 8\)"):
-        VAE(SHAPE, architecture="pixelcnn_made", filters=(4, 8))
+        PixelCNNMADEDecoder(SHAPE, 3, filters=(4, 8))

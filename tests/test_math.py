@@ -5,10 +5,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import make_vae, posterior_params
 from scipy.special import expit
 from scipy.stats import multivariate_normal
 
-from keras_vae import VAE, Sampling, get_likelihood
+from keras_vae import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    Sampling,
+)
 from keras_vae.export import SCORE_SAMPLES, SCORE_SEED, score_epsilon
 from keras_vae.likelihoods import LogitBernoulli
 
@@ -22,9 +28,9 @@ def kl_formula(mu, log_var):
 
 
 def test_closed_form_kl_matches_formula_tfp_and_monte_carlo(rng):
-    model = VAE((6,), latent_dim=3, hidden_units=(8,), likelihood="gaussian", seed=1)
+    model = make_vae((6,), latent_dim=3, hidden_units=(8,), likelihood="gaussian", seed=1)
     x = rng.normal(size=(5, 6)).astype("float32")
-    mu, log_var = (t.numpy() for t in model.encode_params(x))
+    mu, log_var = (t.numpy() for t in posterior_params(model, x))
     # The model's KL term (closed form by default) against the formula.
     kl_model = model.compute_terms(x, seed=3)["kl_loss"].numpy()
     np.testing.assert_allclose(kl_model, kl_formula(mu, log_var), rtol=1e-5, atol=1e-6)
@@ -43,10 +49,17 @@ def test_closed_form_kl_matches_formula_tfp_and_monte_carlo(rng):
 
 
 def test_model_mc_kl_is_unbiased_for_closed_form(rng):
-    model = VAE((6,), latent_dim=3, hidden_units=(8,), likelihood="gaussian", kl="mc",
-                num_samples=20_000, seed=1)
+    model = make_vae(
+        (6,),
+        latent_dim=3,
+        hidden_units=(8,),
+        likelihood="gaussian",
+        kl="mc",
+        num_samples=20_000,
+        seed=1,
+    )
     x = rng.normal(size=(4, 6)).astype("float32")
-    mu, log_var = (t.numpy() for t in model.encode_params(x))
+    mu, log_var = (t.numpy() for t in posterior_params(model, x))
     kl_mc = model.compute_terms(x, seed=5)["kl_loss"].numpy()
     # Var[log q − log p] under q is ≤ a few nats² here; 20k draws give SE < 0.03.
     np.testing.assert_allclose(kl_mc, kl_formula(mu, log_var), atol=0.1)
@@ -54,7 +67,7 @@ def test_model_mc_kl_is_unbiased_for_closed_form(rng):
 
 @pytest.mark.parametrize("x_kind", ["binary", "gray"])
 def test_bernoulli_neg_log_prob_is_summed_binary_cross_entropy(rng, x_kind):
-    likelihood = get_likelihood("bernoulli")
+    likelihood = BernoulliLikelihood()
     likelihood.build((4, 4, 1))
     logits = rng.normal(scale=3.0, size=(2, 3, 4, 4, 1)).astype("float32")  # [K, batch, ...]
     x = rng.uniform(size=(3, 4, 4, 1)).astype("float32")
@@ -68,7 +81,7 @@ def test_bernoulli_neg_log_prob_is_summed_binary_cross_entropy(rng, x_kind):
 
 
 def test_bernoulli_is_stable_for_saturated_logits():
-    likelihood = get_likelihood("bernoulli")
+    likelihood = BernoulliLikelihood()
     likelihood.build((2,))
     logits = np.array([[80.0, -80.0]], "float32")
     nll = -likelihood.distribution(logits).log_prob(np.array([[0.0, 1.0]], "float32"))
@@ -78,7 +91,7 @@ def test_bernoulli_is_stable_for_saturated_logits():
 def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
     # log p is computed as x·ℓ − softplus(ℓ): its gradient must be x − sigmoid(ℓ) and agree
     # with TFP's own Bernoulli; mean and sampling stay TFP's.
-    likelihood = get_likelihood("bernoulli")
+    likelihood = BernoulliLikelihood()
     likelihood.build((6,))
     logits = tf.constant(rng.normal(scale=4.0, size=(3, 6)).astype("float32"))
     x = np.round(rng.uniform(size=(3, 6))).astype("float32")
@@ -86,12 +99,15 @@ def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
         tape.watch(logits)
         ours = likelihood.distribution(logits).log_prob(x)
         theirs = tfp.distributions.Independent(
-            tfp.distributions.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)
+            tfp.distributions.Bernoulli(logits=logits, dtype=tf.float32), 1
+        ).log_prob(x)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(tape.gradient(ours, logits).numpy(),
-                               x - expit(logits.numpy()), atol=1e-6)
-    np.testing.assert_allclose(tape.gradient(ours, logits).numpy(),
-                               tape.gradient(theirs, logits).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        tape.gradient(ours, logits).numpy(), x - expit(logits.numpy()), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        tape.gradient(ours, logits).numpy(), tape.gradient(theirs, logits).numpy(), atol=1e-6
+    )
     dist = likelihood.distribution(logits)
     assert isinstance(dist.distribution, LogitBernoulli)  # not TFP's own log_prob
     np.testing.assert_allclose(dist.mean().numpy(), expit(logits.numpy()), rtol=1e-6)
@@ -108,7 +124,7 @@ def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
 def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     shape = (3, 2)
-    likelihood = get_likelihood("gaussian", sigma=0.3, learn_sigma=learn_sigma)
+    likelihood = GaussianLikelihood(sigma=0.3, learn_sigma=learn_sigma)
     likelihood.build(shape)
     if learn_sigma == "per_pixel":
         likelihood.log_sigma.assign(rng.normal(scale=0.5, size=shape).astype("float32"))
@@ -117,18 +133,20 @@ def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     x = rng.normal(size=(5,) + shape).astype("float32")
     d = np.prod(shape)
     if learn_sigma == "per_pixel":  # Σ_i [(x_i − μ_i)²/(2σ_i²) + ½ log(2πσ_i²)]
-        expected = np.sum((x - mu) ** 2 / (2 * sigma**2) + 0.5 * np.log(2 * np.pi * sigma**2),
-                          axis=(1, 2))
+        expected = np.sum(
+            (x - mu) ** 2 / (2 * sigma**2) + 0.5 * np.log(2 * np.pi * sigma**2), axis=(1, 2)
+        )
     else:  # ‖x − μ‖²/(2σ²) + (D/2) log(2πσ²)
         s = sigma.flat[0]
         expected = np.sum((x - mu) ** 2, axis=(1, 2)) / (2 * s**2) + d / 2 * np.log(
-            2 * np.pi * s**2)
+            2 * np.pi * s**2
+        )
     nll = -likelihood.distribution(mu).log_prob(x).numpy()
     np.testing.assert_allclose(nll, expected, rtol=1e-5)
 
 
 def test_continuous_bernoulli_is_bernoulli_plus_log_normalizer(rng):
-    likelihood = get_likelihood("continuous_bernoulli")
+    likelihood = ContinuousBernoulliLikelihood()
     likelihood.build((5,))
     logits = rng.normal(scale=2.0, size=(4, 5))
     x = rng.uniform(size=(4, 5))
@@ -158,7 +176,8 @@ def test_reparameterized_samples_have_posterior_moments_and_gradients():
         total = tf.reduce_sum(z)
     np.testing.assert_allclose(tape.gradient(total, mu).numpy(), np.ones((1, 3)))
     np.testing.assert_allclose(
-        tape.gradient(total, log_var).numpy(), 0.5 * (z - mu).numpy(), rtol=1e-5)
+        tape.gradient(total, log_var).numpy(), 0.5 * (z - mu).numpy(), rtol=1e-5
+    )
 
 
 def test_seeded_sampling_is_reproducible():
@@ -186,14 +205,16 @@ def ppca(rng):
 
 
 def ppca_vae(w, b, kl="analytic"):
-    model = VAE((D,), latent_dim=LATENT, hidden_units=(), likelihood="gaussian", sigma=SIGMA,
-                kl=kl, seed=0)
+    model = make_vae(
+        (D,), latent_dim=LATENT, hidden_units=(), likelihood="gaussian", sigma=SIGMA, kl=kl, seed=0
+    )
     m = w.T @ w + SIGMA**2 * np.eye(LATENT)
     m_inv = np.linalg.inv(m)
-    model.decoder_network.layers[0].set_weights([w.T, b])  # x̂ = zWᵀ + b
-    model.z_mean_head.set_weights([w @ m_inv, -(b @ w @ m_inv)])  # μ = M⁻¹Wᵀ(x − b)
-    model.z_log_var_head.set_weights(
-        [np.zeros((D, LATENT)), np.log(SIGMA**2 * np.diag(m_inv))])
+    model.decoder.layers[0].set_weights([w.T, b])  # x̂ = zWᵀ + b
+    model.posterior.z_mean_head.set_weights([w @ m_inv, -(b @ w @ m_inv)])  # μ = M⁻¹Wᵀ(x − b)
+    model.posterior.z_log_var_head.set_weights(
+        [np.zeros((D, LATENT)), np.log(SIGMA**2 * np.diag(m_inv))]
+    )
     return model
 
 
@@ -204,10 +225,14 @@ def ppca_data(rng, w, b, n):
 
 def move_encoder(model, rng):
     """Adds N(0, 0.3²) noise to the μ and log σ² heads: q moves away from p(z|x)."""
-    for head in (model.z_mean_head, model.z_log_var_head):
+    for head in (model.posterior.z_mean_head, model.posterior.z_log_var_head):
         kernel, bias = head.get_weights()
-        head.set_weights([kernel + rng.normal(scale=0.3, size=kernel.shape),
-                          bias + rng.normal(scale=0.3, size=bias.shape)])
+        head.set_weights(
+            [
+                kernel + rng.normal(scale=0.3, size=kernel.shape),
+                bias + rng.normal(scale=0.3, size=bias.shape),
+            ]
+        )
 
 
 def ppca_log_px(x, w, b):
@@ -223,9 +248,12 @@ def test_ppca_elbo_equals_log_px_at_exact_posterior(rng):
     elbo = ppca_vae(w, b, kl="mc").elbo(x.astype("float32"), num_samples=1, seed=1).numpy()
     np.testing.assert_allclose(elbo, exact, atol=2e-4, rtol=1e-5)
     # With the closed-form KL the ELBO estimate is unbiased for log p(x): within 4 SEs.
-    elbo_draws = np.stack([
-        ppca_vae(w, b).elbo(x.astype("float32"), num_samples=1000, seed=s).numpy()
-        for s in range(8)])
+    elbo_draws = np.stack(
+        [
+            ppca_vae(w, b).elbo(x.astype("float32"), num_samples=1000, seed=s).numpy()
+            for s in range(8)
+        ]
+    )
     se = elbo_draws.std(0, ddof=1) / np.sqrt(8)
     assert np.all(np.abs(elbo_draws.mean(0) - exact) < 4 * se + 1e-4)
 
@@ -261,25 +289,35 @@ def test_served_score_elbo_is_exact_for_a_linear_decoder(rng):
     x = ppca_data(rng, w, b, 30).astype("float32")
     model = ppca_vae(w, b)
     move_encoder(model, rng)
-    mu, log_var = (t.numpy().astype("float64") for t in model.encode_params(x))
-    expected_log_px_z = (-(((x - mu @ w.T - b) ** 2).sum(1) + np.exp(log_var) @ (w**2).sum(0))
-                         / (2 * SIGMA**2) - D / 2 * np.log(2 * np.pi * SIGMA**2))
+    mu, log_var = (t.numpy().astype("float64") for t in posterior_params(model, x))
+    expected_log_px_z = -(((x - mu @ w.T - b) ** 2).sum(1) + np.exp(log_var) @ (w**2).sum(0)) / (
+        2 * SIGMA**2
+    ) - D / 2 * np.log(2 * np.pi * SIGMA**2)
     kl = kl_formula(mu, log_var)
     served = model.score(x, SCORE_SAMPLES, epsilon=score_epsilon(LATENT))["elbo"].numpy()
     np.testing.assert_allclose(served, expected_log_px_z - kl, atol=2e-4, rtol=1e-5)
     # Plain normal draws of the same seed miss it by their second moment's error.
     plain = tf.random.stateless_normal((SCORE_SAMPLES, 1, LATENT), seed=SCORE_SEED)
     plain_error = model.score(x, SCORE_SAMPLES, epsilon=plain)["elbo"].numpy() - (
-        expected_log_px_z - kl)
+        expected_log_px_z - kl
+    )
     assert np.abs(plain_error).mean() > 1e-2, np.abs(plain_error).mean()
 
 
 def _gradient_draws(estimator, beta, x, weights, draws):
     """``draws`` independent estimates of the IWAE loss's gradient (K = 4) at ``weights``, each
     the mean over ``len(x)`` examples: (decoder-side, encoder-side) arrays [draws, n]."""
-    model = VAE(x.shape[1:], latent_dim=2, hidden_units=(8,), activation="tanh",
-                objective="iwae", num_samples=4, beta=beta, seed=0,
-                gradient_estimator=estimator)
+    model = make_vae(
+        x.shape[1:],
+        latent_dim=2,
+        hidden_units=(8,),
+        activation="tanh",
+        objective="iwae",
+        num_samples=4,
+        beta=beta,
+        seed=0,
+        gradient_estimator=estimator,
+    )
     model.set_weights(weights)
     model.compile(optimizer="sgd")
     encoder_ids = {id(v) for v in model._encoder_side_weights()}
@@ -289,10 +327,12 @@ def _gradient_draws(estimator, beta, x, weights, draws):
         # One gradient per trainable weight, in that order (the optimizer's slots follow it).
         assert [g.shape for g in gradients] == [v.shape for v in model.trainable_weights]
         pairs = list(zip(gradients, model.trainable_weights))
-        decoder.append(np.concatenate([g.numpy().ravel() for g, v in pairs
-                                       if id(v) not in encoder_ids]))
-        encoder.append(np.concatenate([g.numpy().ravel() for g, v in pairs
-                                       if id(v) in encoder_ids]))
+        decoder.append(
+            np.concatenate([g.numpy().ravel() for g, v in pairs if id(v) not in encoder_ids])
+        )
+        encoder.append(
+            np.concatenate([g.numpy().ravel() for g, v in pairs if id(v) in encoder_ids])
+        )
     return np.array(decoder), np.array(encoder)
 
 
@@ -305,7 +345,7 @@ def test_dreg_gradient_has_the_iwae_gradients_expectation(rng, beta):
     # guaranteed: at 1 of 8 random initializations of this small model it varied more.)
     x = np.tile(np.round(rng.uniform(size=(1, 6))), (1000, 1)).astype("float32")
     keras.utils.set_random_seed(0)
-    weights = VAE((6,), latent_dim=2, hidden_units=(8,), activation="tanh").get_weights()
+    weights = make_vae((6,), latent_dim=2, hidden_units=(8,), activation="tanh").get_weights()
     decoder_r, encoder_r = _gradient_draws("reparam", beta, x, weights, 40)
     decoder_d, encoder_d = _gradient_draws("dreg", beta, x, weights, 40)
     np.testing.assert_allclose(decoder_d, decoder_r, rtol=1e-4, atol=1e-6)
@@ -313,4 +353,5 @@ def test_dreg_gradient_has_the_iwae_gradients_expectation(rng, beta):
     difference = encoder_d.mean(axis=0) - encoder_r.mean(axis=0)
     standard_error = np.sqrt((encoder_d - encoder_r).var(axis=0) / len(encoder_d))
     assert np.all(np.abs(difference) <= 4 * standard_error + 1e-6), np.max(
-        np.abs(difference) / standard_error)
+        np.abs(difference) / standard_error
+    )

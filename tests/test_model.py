@@ -9,13 +9,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_vae, posterior_params, user_networks
 
 from keras_vae import VAE
 
 
 def small_vae(data_shape=(8, 8, 1), **kwargs):
     kwargs = {"latent_dim": 4, "hidden_units": (32,), "seed": 0, **kwargs}
-    model = VAE(data_shape, **kwargs)
+    model = make_vae(data_shape, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     return model
 
@@ -24,12 +25,13 @@ def test_closed_form_kl_formula_in_metrics_is_mean_over_examples(digits):
     # 100 examples in batches of 32 (last batch 4): the metric must weight examples, not batches.
     model = small_vae()
     x = digits[:100]
-    mu, log_var = (t.numpy().astype("float64") for t in model.encode_params(x))
+    mu, log_var = (t.numpy().astype("float64") for t in posterior_params(model, x))
     kl = 0.5 * np.sum(np.exp(log_var) + mu**2 - 1 - log_var, axis=-1)
     results = model.evaluate(x, batch_size=32, verbose=0, return_dict=True)
     np.testing.assert_allclose(results["kl_loss"], kl.mean(), rtol=1e-5)
     np.testing.assert_allclose(
-        results["elbo"], -results["reconstruction_loss"] - results["kl_loss"], rtol=1e-5)
+        results["elbo"], -results["reconstruction_loss"] - results["kl_loss"], rtol=1e-5
+    )
     np.testing.assert_allclose(results["loss"], -results["elbo"], rtol=1e-5)
 
 
@@ -40,8 +42,14 @@ def test_a_few_epochs_on_digits_lower_the_test_loss(digits, architecture):
     before = model.evaluate(test, verbose=0, return_dict=True)
     history = model.fit(train, validation_data=(test,), epochs=8, batch_size=64, verbose=0)
     after = model.evaluate(test, verbose=0, return_dict=True)
-    assert set(history.history) >= {"loss", "reconstruction_loss", "kl_loss", "elbo",
-                                    "val_loss", "val_elbo"}
+    assert set(history.history) >= {
+        "loss",
+        "reconstruction_loss",
+        "kl_loss",
+        "elbo",
+        "val_loss",
+        "val_elbo",
+    }
     # An untrained model's test loss on digits is ≈ 45 nats; a trained one is < 30.
     assert after["loss"] < before["loss"] - 10, (before, after)
     assert after["elbo"] > -30
@@ -82,13 +90,23 @@ def test_beta_weights_the_kl_in_the_loss(digits):
     model = small_vae(beta=3.0, seed=1)
     terms = model.compute_terms(digits[:16], seed=2)
     np.testing.assert_allclose(
-        terms["loss"], terms["reconstruction_loss"] + 3.0 * terms["kl_loss"], rtol=1e-6)
+        terms["loss"], terms["reconstruction_loss"] + 3.0 * terms["kl_loss"], rtol=1e-6
+    )
 
 
 def test_config_round_trip():
-    model = small_vae(architecture="conv", likelihood="gaussian", learn_sigma="per_pixel",
-                      dropout=0.2, beta=0.5, kl_warmup_steps=7, kl="mc", objective="iwae", num_samples=3,
-                      gradient_estimator="dreg")
+    model = small_vae(
+        architecture="conv",
+        likelihood="gaussian",
+        learn_sigma="per_pixel",
+        dropout=0.2,
+        beta=0.5,
+        kl_warmup_steps=7,
+        kl="mc",
+        objective="iwae",
+        num_samples=3,
+        gradient_estimator="dreg",
+    )
     config = model.get_config()
     json.dumps(config)  # plain JSON
     clone = VAE.from_config(config)
@@ -115,10 +133,11 @@ def test_dropout_acts_on_the_decoder_only_while_training(architecture):
 
 LOAD_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, keras
-    import keras_vae  # registers the serializable classes
+    from keras_vae import VAE  # registers the serializable classes
     model = keras.saving.load_model(sys.argv[1])
     x, z = np.load(sys.argv[2]), np.load(sys.argv[3])
-    mu, log_var = model.encode_params(x)
+    params = model.encode_params(x)
+    mu, log_var = params["z_mean"], params["z_log_var"]
     np.savez(sys.argv[4], mu=mu.numpy(), log_var=log_var.numpy(),
              decoded=model.decode(z).mean().numpy(),
              iterations=int(model.optimizer.iterations.numpy()))
@@ -134,11 +153,21 @@ def test_save_load_in_new_process_is_identical_and_training_continues(digits, tm
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "z.npy", z)
     subprocess.run(
-        [sys.executable, "-c", LOAD_SCRIPT, str(path), str(tmp_path / "x.npy"),
-         str(tmp_path / "z.npy"), str(tmp_path / "out.npz")],
-        check=True, capture_output=True)
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            str(path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "z.npy"),
+            str(tmp_path / "out.npz"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     out = np.load(tmp_path / "out.npz")
-    mu, log_var = model.encode_params(x)
+    params = model.encode_params(x)
+    mu, log_var = params["z_mean"], params["z_log_var"]
     np.testing.assert_array_equal(out["mu"], mu.numpy())
     np.testing.assert_array_equal(out["log_var"], log_var.numpy())
     np.testing.assert_array_equal(out["decoded"], model.decode(z).mean().numpy())
@@ -146,8 +175,10 @@ def test_save_load_in_new_process_is_identical_and_training_continues(digits, tm
 
     loaded = keras.saving.load_model(path)
     # The sampler's noise stream goes on where it was (Keras does not save it by itself).
-    np.testing.assert_array_equal(loaded.sampling.seed_generator.state.numpy(),
-                                  model.sampling.seed_generator.state.numpy())
+    np.testing.assert_array_equal(
+        loaded.posterior.sampling.seed_generator.state.numpy(),
+        model.posterior.sampling.seed_generator.state.numpy(),
+    )
     history = loaded.fit(digits[:256], batch_size=64, epochs=2, verbose=0)
     assert int(loaded.optimizer.iterations.numpy()) == 12  # the optimizer state went on
     assert history.history["loss"][-1] < history.history["loss"][0]
@@ -172,8 +203,13 @@ def test_dreg_model_saves_and_resumes_with_its_optimizer_state(digits, tmp_path)
 def test_dreg_splits_the_weights_at_z(digits, architecture):
     # DReG takes φ's gradient back from z alone: every weight z depends on must be on the
     # encoder side, and no other.
-    model = small_vae(architecture=architecture, filters=(4, 4), objective="iwae",
-                      num_samples=2, gradient_estimator="dreg")
+    model = small_vae(
+        architecture=architecture,
+        filters=(4, 4),
+        objective="iwae",
+        num_samples=2,
+        gradient_estimator="dreg",
+    )
     encoder_ids = {id(v) for v in model._encoder_side_weights()}
     with tf.GradientTape() as tape:
         terms = model.compute_terms(digits[:8], training=True)
@@ -213,38 +249,54 @@ def test_data_outside_unit_interval_is_refused(digits, likelihood):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"likelihood": "poisson"}, "Unknown likelihood 'poisson'"),
-        ({"architecture": "resnet"}, "Unknown architecture 'resnet'"),
-        ({"kl": "exact"}, "Unknown kl estimator"),
-        ({"objective": "vimco"}, "Unknown objective"),
-        ({"gradient_estimator": "vimco"}, "Unknown gradient estimator"),
-        ({"gradient_estimator": "dreg"}, "needs objective='iwae'"),
-        ({"likelihood": "gaussian", "learn_sigma": "per_channel"}, "Unknown learn_sigma"),
-        ({"likelihood": "gaussian", "sigma": 0.0}, "a finite sigma > 0"),
-        ({"likelihood": "gaussian", "sigma": float("inf")}, "a finite sigma > 0"),
-        ({"beta": float("nan")}, "beta and kl_warmup_steps must be finite and >= 0"),
-        ({"kl_warmup_steps": float("inf")}, "beta and kl_warmup_steps must be finite"),
-        ({"latent_dim": 0}, "must be positive"),
-        ({"dropout": -0.1}, r"dropout must be in \[0, 1\)"),
+        ({"likelihood": "poisson"}, "'likelihood' must be one of .*got 'poisson'"),
+        ({"architecture": "resnet"}, "'architecture' must be one of .*got 'resnet'"),
+        ({"kl": "exact"}, r"'kl' must be one of \('analytic', 'mc'\)"),
+        ({"objective": "vimco"}, "'objective' must be one of"),
+        ({"gradient_estimator": "vimco"}, "'gradient_estimator' must be one of"),
+        ({"gradient_estimator": "dreg"}, "it needs objective 'iwae'"),
+        ({"likelihood": "gaussian", "learn_sigma": "per_channel"}, "'learn_sigma' must be one of"),
+        ({"likelihood": "gaussian", "sigma": 0.0}, "'sigma' must be finite and > 0"),
+        ({"likelihood": "gaussian", "sigma": float("inf")}, "'sigma' must be finite and > 0"),
+        ({"beta": float("nan")}, "'beta' must be finite and >= 0"),
+        ({"kl_warmup_steps": float("inf")}, "'kl_warmup_steps' must be of type int"),
+        ({"latent_dim": 0}, "'latent_dim' must be >= 1"),
+        ({"dropout": -0.1}, r"'dropout' must be in \[0, 1\)"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        VAE((8, 8, 1), **kwargs)
+        make_vae((8, 8, 1), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"objective": "vimco"}, "'objective' must be one of"),
+        ({"gradient_estimator": "dreg"}, "it needs objective 'iwae'"),
+        ({"latent_dim": 3}, r"the decoder does not take z of shape \(batch, 3\)"),
+        ({"likelihood": "poisson"}, "Unknown likelihood 'poisson'"),
+        ({"prior": "laplace"}, "Unknown prior 'laplace'"),
+    ],
+)
+def test_the_model_refuses_bad_settings_with_its_own_networks(kwargs, message):
+    encoder, decoder = user_networks()
+    with pytest.raises(ValueError, match=message):
+        VAE(encoder, decoder, **{"latent_dim": 2, **kwargs})
 
 
 def test_conv_needs_image_shapes_divisible_by_its_strides():
     with pytest.raises(ValueError, match="divisible by 4"):
-        VAE((30, 30, 1), architecture="conv")
+        make_vae((30, 30, 1), architecture="conv")
     with pytest.raises(ValueError, match="needs image data"):
-        VAE((64,), architecture="conv")
-    VAE((32, 32, 3), architecture="conv")  # CIFAR-shaped data builds
+        make_vae((64,), architecture="conv")
+    make_vae((32, 32, 3), architecture="conv")  # CIFAR-shaped data builds
 
 
 def test_compile_keeps_xla_off_while_inputs_are_checked():
     checked = small_vae()
     assert checked.jit_compile is False
-    unchecked = VAE((8, 8, 1), latent_dim=2, hidden_units=(8,), check_inputs=False)
+    unchecked = make_vae((8, 8, 1), latent_dim=2, hidden_units=(8,), check_inputs=False)
     unchecked.compile(optimizer="adam", jit_compile=True)
     assert unchecked.jit_compile is True
 
@@ -257,11 +309,17 @@ def test_check_data_names_the_problem(digits):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16", "mixed_float16"])
-@pytest.mark.parametrize("name, kwargs, input_shape", [
-    ("Dense", {"units": 5}, (6400, 3)),  # IWAE's K × batch rows
-    ("Conv2DTranspose", {"filters": 5, "kernel_size": 3, "strides": 2, "padding": "same"},
-     (64, 14, 14, 3)),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, input_shape",
+    [
+        ("Dense", {"units": 5}, (6400, 3)),  # IWAE's K × batch rows
+        (
+            "Conv2DTranspose",
+            {"filters": 5, "kernel_size": 3, "strides": 2, "padding": "same"},
+            (64, 14, 14, 3),
+        ),
+    ],
+)
 def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     """keras_vae's Dense and Conv2DTranspose give Keras's float32 outputs and gradients, in
     16 bits up to their rounding: the bias gradient sums 6,400 or 64×28×28 = 50,176 values,
@@ -269,7 +327,7 @@ def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     bfloat16, and its Sum would in float16. Linear, so that every tensor differs from float32
     by 16-bit rounding alone (0.5% or less here): with a relu, units near 0 switch, and each
     switch moves ∂loss/∂x by a whole kernel weight (2.0% in bf16 on an AVX2 CPU)."""
-    from keras_vae import networks
+    from keras_vae.networks import layers as networks
 
     ours = getattr(networks, name)(activation="linear", dtype=dtype, **kwargs)
     reference = getattr(keras.layers, name)(activation="linear", dtype="float32", **kwargs)

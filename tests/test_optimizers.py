@@ -25,19 +25,21 @@ def _train(optimizer, initial, gradients, wrap=None):
 SCHEDULE = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=5, decay_rate=0.5)
 
 
-@pytest.mark.parametrize("kwargs, wrap", [
-    ({}, None),
-    ({"weight_decay": 0.1}, None),
-    ({"clipnorm": 1.0}, None),
-    ({"learning_rate": SCHEDULE}, None),
-    ({}, keras.optimizers.LossScaleOptimizer),  # as under mixed_float16
-    ({"amsgrad": True}, None),
-])
+@pytest.mark.parametrize(
+    "kwargs, wrap",
+    [
+        ({}, None),
+        ({"weight_decay": 0.1}, None),
+        ({"clipnorm": 1.0}, None),
+        ({"learning_rate": SCHEDULE}, None),
+        ({}, keras.optimizers.LossScaleOptimizer),  # as under mixed_float16
+        ({"amsgrad": True}, None),
+    ],
+)
 def test_fused_adam_matches_keras_adam(kwargs, wrap):
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=shape).astype("float32") for shape in [(30, 7), (7,)]]
-    gradients = [[rng.normal(size=w.shape).astype("float32") for w in initial]
-                 for _ in range(25)]
+    gradients = [[rng.normal(size=w.shape).astype("float32") for w in initial] for _ in range(25)]
     kwargs = {"learning_rate": 0.01, **kwargs}
     expected, _ = _train(keras.optimizers.Adam(**kwargs), initial, gradients, wrap)
     got, ops = _train(FusedAdam(**kwargs), initial, gradients, wrap)

@@ -14,8 +14,9 @@ from keras_vae.model_config import NetworkConfig
 from keras_vae.settings import validate
 
 
-def build(architecture, data_shape, latent_dim, likelihood="bernoulli", dtype=None, seed=None,
-          **settings):
+def build(
+    architecture, data_shape, latent_dim, likelihood="bernoulli", dtype=None, seed=None, **settings
+):
     """``(encoder, decoder)`` of the named family for data of ``data_shape`` and a latent of
     size ``latent_dim``; ``settings`` are ``NetworkConfig``'s (hidden_units, filters,
     activation, dropout). The layers compute in the dtype policy ``dtype`` (default: the
@@ -27,5 +28,11 @@ def build(architecture, data_shape, latent_dim, likelihood="bernoulli", dtype=No
         likelihood = registry.load("likelihood", likelihood)
     output_dtype = "float32" if likelihood.needs_float32_params else None
     family = registry.load("network", config.architecture)
-    return family(tuple(int(n) for n in data_shape), int(latent_dim), config, dtype=dtype,
-                  output_dtype=output_dtype, seed=seed)
+    return family(
+        tuple(int(n) for n in data_shape),
+        int(latent_dim),
+        config,
+        dtype=dtype,
+        output_dtype=output_dtype,
+        seed=seed,
+    )

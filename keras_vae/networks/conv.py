@@ -33,8 +33,7 @@ def encoder(data_shape, filters, hidden_units, activation, dtype=None):
     _check_image_shape(data_shape, filters)
     layers = [keras.Input(shape=data_shape)]
     layers += [
-        keras.layers.Conv2D(f, 3, strides=2, padding="same", activation=activation,
-                            dtype=dtype)
+        keras.layers.Conv2D(f, 3, strides=2, padding="same", activation=activation, dtype=dtype)
         for f in filters
     ]
     layers.append(keras.layers.Flatten(dtype=dtype))
@@ -42,8 +41,7 @@ def encoder(data_shape, filters, hidden_units, activation, dtype=None):
     return keras.Sequential(layers, name="encoder_network")
 
 
-def decoder(data_shape, latent_dim, filters, activation, dtype,
-                 rate, seed, output_dtype):
+def decoder(data_shape, latent_dim, filters, activation, dtype, rate, seed, output_dtype):
     """z → Dense → reshape to (H/2ⁿ, W/2ⁿ, f_n) → Conv2DTranspose(f, 3, stride 2) for f in
     reversed(filters) → Conv2DTranspose(channels, 3) (linear: logits or means);
     dropout of ``rate`` after each hidden layer while training; the output layer computes in
@@ -62,8 +60,9 @@ def decoder(data_shape, latent_dim, filters, activation, dtype,
         keras.layers.Reshape(start, dtype=dtype),
     ]
     for i, f in enumerate(reversed(filters), start=1):
-        layers.append(Conv2DTranspose(f, 3, strides=2, padding="same", activation=activation,
-                                      dtype=dtype))
+        layers.append(
+            Conv2DTranspose(f, 3, strides=2, padding="same", activation=activation, dtype=dtype)
+        )
         layers += dropout_layers(rate, seed, i, dtype)
     layers.append(Conv2DTranspose(channels, 3, padding="same", dtype=output_dtype or dtype))
     return keras.Sequential(layers, name="decoder_network")
@@ -71,6 +70,16 @@ def decoder(data_shape, latent_dim, filters, activation, dtype,
 
 def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
     """(encoder, decoder) of ``config`` (a ``NetworkConfig``)."""
-    return (encoder(data_shape, config.filters, config.hidden_units, config.activation, dtype),
-            decoder(data_shape, latent_dim, config.filters, config.activation, dtype,
-                    config.dropout, seed, output_dtype))
+    return (
+        encoder(data_shape, config.filters, config.hidden_units, config.activation, dtype),
+        decoder(
+            data_shape,
+            latent_dim,
+            config.filters,
+            config.activation,
+            dtype,
+            config.dropout,
+            seed,
+            output_dtype,
+        ),
+    )

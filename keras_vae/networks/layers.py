@@ -44,9 +44,14 @@ class Conv2DTranspose(keras.layers.Conv2DTranspose):
         if not self.use_bias or self.data_format != "channels_last":
             return super().call(inputs)
         outputs = ops.conv_transpose(
-            inputs, self.kernel, strides=list(self.strides), padding=self.padding,
-            output_padding=self.output_padding, dilation_rate=self.dilation_rate,
-            data_format=self.data_format)
+            inputs,
+            self.kernel,
+            strides=list(self.strides),
+            padding=self.padding,
+            output_padding=self.output_padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
         outputs = add_bias(outputs, self.bias)
         return outputs if self.activation is None else self.activation(outputs)
 
@@ -55,7 +60,8 @@ def dropout_layers(rate, seed, index, dtype):
     """The dropout after decoder hidden layer ``index``: none at rate 0, so that a model
     without dropout has no dropout layers. Its seed is offset by
     the layer, so that equal-width layers do not drop the same units."""
-    return [Dropout(rate, seed=None if seed is None else seed + 1 + index, dtype=dtype)
-            ] if rate else []
-
-
+    return (
+        [Dropout(rate, seed=None if seed is None else seed + 1 + index, dtype=dtype)]
+        if rate
+        else []
+    )

@@ -41,8 +41,16 @@ class MADEDecoder(keras.layers.Layer):
 
     autoregressive = True
 
-    def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
-                 dropout=0.0, seed=None, **kwargs):
+    def __init__(
+        self,
+        data_shape,
+        latent_dim,
+        hidden_units=(500, 500),
+        activation="tanh",
+        dropout=0.0,
+        seed=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.data_shape = tuple(int(n) for n in data_shape)
         self.latent_dim = int(latent_dim)
@@ -52,32 +60,39 @@ class MADEDecoder(keras.layers.Layer):
         self.dropout = float(dropout)
         self.seed = seed
         # One Dropout per hidden layer, owned by this layer (its SeedGenerator with it).
-        self.dropouts = [layer for i in range(len(self.hidden_units))
-                         for layer in dropout_layers(self.dropout, seed, i, self.dtype_policy)]
+        self.dropouts = [
+            layer
+            for i in range(len(self.hidden_units))
+            for layer in dropout_layers(self.dropout, seed, i, self.dtype_policy)
+        ]
         if not self.hidden_units:
             raise ValueError("MADEDecoder needs at least one hidden layer; got hidden_units=().")
         size = math.prod(self.data_shape)
         # The degrees fix the masks; the masks themselves (D×H floats each) are built in
         # call(), so that traced graphs and SavedModels hold the degrees, not the masks.
         self._degrees = [np.arange(1, size + 1, dtype="int32")]
-        self._degrees += [made_degrees(units, size).astype("int32")
-                          for units in self.hidden_units]
+        self._degrees += [made_degrees(units, size).astype("int32") for units in self.hidden_units]
 
     def build(self, z_shape=None, x_shape=None):
         size = math.prod(self.data_shape)
         widths = (size,) + self.hidden_units + (size,)
         self.kernels, self.latent_kernels, self.biases = [], [], []
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-            self.kernels.append(self.add_weight(
-                (fan_in, fan_out), initializer="glorot_uniform", name=f"kernel_{i}"))
-            self.latent_kernels.append(self.add_weight(
-                (self.latent_dim, fan_out), initializer="glorot_uniform",
-                name=f"latent_kernel_{i}"))
-            self.biases.append(self.add_weight((fan_out,), initializer="zeros",
-                                               name=f"bias_{i}"))
+            self.kernels.append(
+                self.add_weight((fan_in, fan_out), initializer="glorot_uniform", name=f"kernel_{i}")
+            )
+            self.latent_kernels.append(
+                self.add_weight(
+                    (self.latent_dim, fan_out),
+                    initializer="glorot_uniform",
+                    name=f"latent_kernel_{i}",
+                )
+            )
+            self.biases.append(self.add_weight((fan_out,), initializer="zeros", name=f"bias_{i}"))
         # Zero at the start: the model begins as the MADE's hidden path alone.
-        self.direct_kernel = self.add_weight((size, size), initializer="zeros",
-                                             name="direct_kernel")
+        self.direct_kernel = self.add_weight(
+            (size, size), initializer="zeros", name="direct_kernel"
+        )
 
     def _masked(self, kernel, degrees_in, degrees_out, strict):
         """kernel ⊙ M with M_jk = 1[out_k > in_j] (``strict``) or 1[out_k ≥ in_j]."""
@@ -96,20 +111,31 @@ class MADEDecoder(keras.layers.Layer):
         z = ops.cast(z, self.compute_dtype)
         inputs, degrees = self._degrees[0], self._degrees[1:]
         # The x terms, once per example; they broadcast over z's leading (sample) axes.
-        hidden = self.activation(add_bias(
-            ops.matmul(x, self._masked(self.kernels[0], inputs, degrees[0], strict=False))
-            + ops.matmul(z, self.latent_kernels[0]), self.biases[0]))
+        hidden = self.activation(
+            add_bias(
+                ops.matmul(x, self._masked(self.kernels[0], inputs, degrees[0], strict=False))
+                + ops.matmul(z, self.latent_kernels[0]),
+                self.biases[0],
+            )
+        )
         hidden = self._drop(0, hidden, training)
         for i in range(1, len(degrees)):
             kernel = self._masked(self.kernels[i], degrees[i - 1], degrees[i], strict=False)
-            hidden = self.activation(add_bias(
-                ops.matmul(hidden, kernel) + ops.matmul(z, self.latent_kernels[i]),
-                self.biases[i]))
+            hidden = self.activation(
+                add_bias(
+                    ops.matmul(hidden, kernel) + ops.matmul(z, self.latent_kernels[i]),
+                    self.biases[i],
+                )
+            )
             hidden = self._drop(i, hidden, training)
         output_kernel = self._masked(self.kernels[-1], degrees[-1], inputs, strict=True)
         direct_kernel = self._masked(self.direct_kernel, inputs, inputs, strict=True)
-        logits = add_bias(ops.matmul(hidden, output_kernel) + ops.matmul(x, direct_kernel)
-                           + ops.matmul(z, self.latent_kernels[-1]), self.biases[-1])
+        logits = add_bias(
+            ops.matmul(hidden, output_kernel)
+            + ops.matmul(x, direct_kernel)
+            + ops.matmul(z, self.latent_kernels[-1]),
+            self.biases[-1],
+        )
         logits = ops.cast(logits, "float32")
         return ops.reshape(logits, tuple(ops.shape(logits)[:-1]) + self.data_shape)
 
@@ -121,7 +147,8 @@ class MADEDecoder(keras.layers.Layer):
         if len(z.shape) != 2:
             raise ValueError(
                 f"Drawing x from the autoregressive decoder takes z of shape (n, "
-                f"{self.latent_dim}); got shape {tuple(z.shape)}.")
+                f"{self.latent_dim}); got shape {tuple(z.shape)}."
+            )
         n, size = ops.shape(z)[0], math.prod(self.data_shape)
         u = 0.5 if noise is None else ops.reshape(ops.cast(noise, "float32"), (n, size))
 
@@ -136,17 +163,28 @@ class MADEDecoder(keras.layers.Layer):
         return ops.reshape(x, (n,) + self.data_shape)
 
     def get_config(self):
-        return {**super().get_config(), "data_shape": list(self.data_shape),
-                "latent_dim": self.latent_dim, "hidden_units": list(self.hidden_units),
-                "activation": self.activation_name, "dropout": self.dropout, "seed": self.seed}
-
-
+        return {
+            **super().get_config(),
+            "data_shape": list(self.data_shape),
+            "latent_dim": self.latent_dim,
+            "hidden_units": list(self.hidden_units),
+            "activation": self.activation_name,
+            "dropout": self.dropout,
+            "seed": self.seed,
+        }
 
 
 def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
     """(MLP encoder, MADE decoder) of ``config``; the decoder's hidden widths mirror the
     encoder's."""
-    decoder = MADEDecoder(data_shape, latent_dim, tuple(reversed(config.hidden_units)),
-                          config.activation, config.dropout, seed, dtype=dtype,
-                          name="decoder_network")
+    decoder = MADEDecoder(
+        data_shape,
+        latent_dim,
+        tuple(reversed(config.hidden_units)),
+        config.activation,
+        config.dropout,
+        seed,
+        dtype=dtype,
+        name="decoder_network",
+    )
     return mlp.encoder(data_shape, config.hidden_units, config.activation, dtype), decoder

@@ -15,8 +15,7 @@ def encoder(data_shape, hidden_units, activation, dtype=None):
     return keras.Sequential(layers, name="encoder_network")
 
 
-def decoder(data_shape, latent_dim, hidden_units, activation, dtype,
-                rate, seed, output_dtype):
+def decoder(data_shape, latent_dim, hidden_units, activation, dtype, rate, seed, output_dtype):
     """z → Dense(h_n) → … → Dense(h₁) → Dense(prod(data_shape)) → reshape (mirror of the
     encoder); dropout of ``rate`` after each hidden layer while training. The output layer computes
     in ``output_dtype`` (default: ``dtype``)."""
@@ -33,6 +32,16 @@ def decoder(data_shape, latent_dim, hidden_units, activation, dtype,
 
 def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
     """(encoder, decoder) of ``config`` (a ``NetworkConfig``)."""
-    return (encoder(data_shape, config.hidden_units, config.activation, dtype),
-            decoder(data_shape, latent_dim, config.hidden_units, config.activation, dtype,
-                    config.dropout, seed, output_dtype))
+    return (
+        encoder(data_shape, config.hidden_units, config.activation, dtype),
+        decoder(
+            data_shape,
+            latent_dim,
+            config.hidden_units,
+            config.activation,
+            dtype,
+            config.dropout,
+            seed,
+            output_dtype,
+        ),
+    )

@@ -18,7 +18,7 @@ def pixelcnn_mask(shape, include_center):
     mask = np.zeros(shape, "float32")
     center = shape[0] // 2
     mask[:center] = 1.0
-    mask[center, :center + int(include_center)] = 1.0
+    mask[center, : center + int(include_center)] = 1.0
     return mask
 
 
@@ -40,19 +40,29 @@ class PixelCNNMADEDecoder(MADEDecoder):
     MADE alone.
     """
 
-    def __init__(self, data_shape, latent_dim, hidden_units=(500, 500), activation="tanh",
-                 dropout=0.0, seed=None, filters=(32, 32, 32, 32, 32), **kwargs):
-        super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed,
-                         **kwargs)
+    def __init__(
+        self,
+        data_shape,
+        latent_dim,
+        hidden_units=(500, 500),
+        activation="tanh",
+        dropout=0.0,
+        seed=None,
+        filters=(32, 32, 32, 32, 32),
+        **kwargs,
+    ):
+        super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed, **kwargs)
         self.filters = tuple(int(n) for n in filters)
         if len(self.data_shape) != 3 or self.data_shape[-1] != 1:
             raise ValueError(
                 f"Architecture 'pixelcnn_made' models single-channel images of shape "
-                f"(height, width, 1); got data_shape={self.data_shape}.")
+                f"(height, width, 1); got data_shape={self.data_shape}."
+            )
         if not self.filters or len(set(self.filters)) != 1:
             raise ValueError(
                 f"Architecture 'pixelcnn_made' needs one or more equal convolution widths "
-                f"(residual layers); got filters={self.filters}.")
+                f"(residual layers); got filters={self.filters}."
+            )
 
     def build(self, z_shape=None, x_shape=None):
         super().build()
@@ -60,11 +70,16 @@ class PixelCNNMADEDecoder(MADEDecoder):
         self.conv_kernels, self.conv_biases = [], []
         for i in range(len(self.filters)):
             size, channels_in = (7, 1) if i == 0 else (3, width)
-            self.conv_kernels.append(self.add_weight(
-                (size, size, channels_in, width), initializer="he_normal",
-                name=f"conv_kernel_{i}"))
-            self.conv_biases.append(self.add_weight((width,), initializer="zeros",
-                                                    name=f"conv_bias_{i}"))
+            self.conv_kernels.append(
+                self.add_weight(
+                    (size, size, channels_in, width),
+                    initializer="he_normal",
+                    name=f"conv_kernel_{i}",
+                )
+            )
+            self.conv_biases.append(
+                self.add_weight((width,), initializer="zeros", name=f"conv_bias_{i}")
+            )
         self.pixel_head = self.add_weight((width, 1), initializer="zeros", name="pixel_head")
 
     def call(self, z, x, training=False):
@@ -75,11 +90,16 @@ class PixelCNNMADEDecoder(MADEDecoder):
             # its top c + 1 rows over x padded by c above (c = k // 2) and none below
             # gives the same "same"-padded result for (c + 1)/k of the multiplies.
             c = kernel.shape[0] // 2
-            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[:c + 1]
+            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[: c + 1]
             padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
-            update = ops.relu(add_bias(
-                ops.conv(padded, kernel[:c + 1] * ops.cast(mask, kernel.dtype), padding="valid"),
-                bias))
+            update = ops.relu(
+                add_bias(
+                    ops.conv(
+                        padded, kernel[: c + 1] * ops.cast(mask, kernel.dtype), padding="valid"
+                    ),
+                    bias,
+                )
+            )
             features = update if i == 0 else features + update
         pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
         # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
@@ -89,11 +109,17 @@ class PixelCNNMADEDecoder(MADEDecoder):
         return {**super().get_config(), "filters": list(self.filters)}
 
 
-
-
 def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
     """(MLP encoder, PixelCNN + MADE decoder) of ``config``."""
-    decoder = PixelCNNMADEDecoder(data_shape, latent_dim, tuple(reversed(config.hidden_units)),
-                                  config.activation, config.dropout, seed, config.filters,
-                                  dtype=dtype, name="decoder_network")
+    decoder = PixelCNNMADEDecoder(
+        data_shape,
+        latent_dim,
+        tuple(reversed(config.hidden_units)),
+        config.activation,
+        config.dropout,
+        seed,
+        config.filters,
+        dtype=dtype,
+        name="decoder_network",
+    )
     return mlp.encoder(data_shape, config.hidden_units, config.activation, dtype), decoder

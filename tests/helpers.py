@@ -1,0 +1,73 @@
+"""Builders shared by the tests: a VAE of the named families, and a run config from flat
+settings, both as `keras-vae train` makes them."""
+
+import dataclasses
+import math
+
+import keras
+
+from keras_vae.config import SECTIONS, ModelConfig, RunConfig
+from keras_vae.fitting import build_model
+from keras_vae.settings import validate
+
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def make_vae(data_shape=(8, 8, 1), dtype="float32", **settings):
+    """The VAE of ``ModelConfig(**settings)`` for data of ``data_shape``."""
+    return build_model(validate(ModelConfig(**settings)), tuple(data_shape), dtype)
+
+
+def sectioned(flat):
+    """{section: {key: value}} of flat settings {key: value}."""
+    values = {}
+    for key, value in flat.items():
+        values.setdefault(SECTION_OF.get(key, "unknown"), {})[key] = value
+    return values
+
+
+def run_config(**flat):
+    """The default run config with the flat settings applied, checked."""
+    return RunConfig().replace(sectioned(flat))
+
+
+def posterior_params(model, x):
+    """(μ_φ(x), log σ²_φ(x)) of a model with the diagonal Gaussian posterior."""
+    params = model.encode_params(x)
+    return params["z_mean"], params["z_log_var"]
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(keras.layers.Layer):
+    """A user's own layer: x · s, s one learned scalar."""
+
+    def build(self, input_shape):
+        self.s = self.add_weight(shape=(), initializer="ones", name="s")
+
+    def call(self, x):
+        return x * self.s
+
+
+def user_networks(data_shape=(8, 8, 1), latent_dim=2, width=32):
+    """A hand-written keras.Sequential encoder (x → features) and decoder (z → logits),
+    one of the user's own layers in each."""
+    encoder = keras.Sequential(
+        [
+            keras.Input(data_shape),
+            keras.layers.Flatten(),
+            Scale(),
+            keras.layers.Dense(width, activation="relu"),
+        ],
+        name="my_encoder",
+    )
+    decoder = keras.Sequential(
+        [
+            keras.Input((latent_dim,)),
+            keras.layers.Dense(width, activation="relu"),
+            Scale(),
+            keras.layers.Dense(math.prod(data_shape)),
+            keras.layers.Reshape(data_shape),
+        ],
+        name="my_decoder",
+    )
+    return encoder, decoder
