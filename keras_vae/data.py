@@ -222,10 +222,8 @@ def _with_options(dataset):
     (the data is in memory, there are no files to shard), and tf.data's autotuning is off."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # Gathering and binarizing in-memory batches needs no tuning, and on a 2-core machine the
-    # autotuner left many models training at exactly half speed for the whole run (conv VAE:
-    # 2,480 against 4,800-5,200 examples/s); without it, 16 of 16 runs were at full speed
-    # (benchmarks/train_throughput.py, issue 6).
+    # Gathering and binarizing in-memory batches needs no tuning, and on 2 cores the
+    # autotuner can leave a run at half speed for its whole life (docs/benchmarks.md).
     options.autotune.enabled = False
     return dataset.with_options(options)
 

@@ -36,10 +36,9 @@ def score_epsilon(latent_dim):
     antithetic pairs (ε, −ε), whitened so that (1/K) Σ_k ε_k = 0 and (1/K) Σ_k ε_k ε_kᵀ = I
     exactly (where K/2 < latent_dim, only its diagonal: each ε_j has (1/K) Σ_k ε_kj² = 1).
 
-    Draws shared by all rows put the same error into every row's score: plain normal draws,
-    whose second moment is off by O(1/√K), moved the mean ELBO over MNIST's test set by 1.1
-    nats for README's MNIST row 2 (K = 256). With N(0, I)'s first two moments matched,
-    E_q[log p_θ(x|z)] is exact for a decoder linear in z, and that error on row 2 is 0.05."""
+    Draws shared by all rows put the same error into every row's score, and plain normal
+    draws have a second moment off by O(1/√K); with N(0, I)'s first two moments matched,
+    E_q[log p_θ(x|z)] is exact for a decoder linear in z (saved_models/README.md)."""
     half_k = SCORE_SAMPLES // 2
     half = tf.random.stateless_normal((half_k, latent_dim), seed=SCORE_SEED, dtype=tf.float64)
     if latent_dim <= half_k:

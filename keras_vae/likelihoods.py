@@ -93,8 +93,8 @@ class LogitBernoulli(tfd.Bernoulli):
     TFP computes −(1 − x)·softplus(ℓ) − x·softplus(−ℓ), the same value for every x since
     softplus(ℓ) − softplus(−ℓ) = ℓ, with two softplus evaluations and two ``multiply_no_nan``
     so that ℓ = ±inf also works. A network's logits are finite, and the likelihood is the
-    widest tensor of the step (K × batch × pixels under IWAE): one softplus makes its forward
-    and backward pass about twice as fast (benchmarks/likelihood_speed.py).
+    widest tensor of the step (K × batch × pixels under IWAE), so one softplus instead of
+    two pays (benchmarks/likelihood_speed.py).
     """
 
     def _log_prob(self, event):

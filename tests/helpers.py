@@ -1,8 +1,12 @@
 """Builders shared by the tests: a VAE of the named families, and a run config from flat
 settings, both as `keras-vae train` makes them."""
 
+import contextlib
 import dataclasses
+import http.server
+import json
 import math
+import threading
 
 import keras
 
@@ -71,3 +75,30 @@ def user_networks(data_shape=(8, 8, 1), latent_dim=2, width=32):
         name="my_decoder",
     )
     return encoder, decoder
+
+
+@contextlib.contextmanager
+def json_server(respond):
+    """A loopback HTTP server whose POST replies with ``respond(path, headers, body)`` as
+    JSON; yields its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = json.dumps(respond(self.path, self.headers, body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()

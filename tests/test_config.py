@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import run_config
 
-from keras_vae.config import SECTIONS, ModelConfig, RunConfig, flag_table
+from keras_vae.config import SECTIONS, ModelConfig, RunConfig, commented_yaml, flag_table
 from keras_vae.model_config import VAEConfig
 from keras_vae.settings import ConfigError, validate
 
@@ -100,3 +100,9 @@ def test_shipped_configs_are_valid_and_use_tfds_mnist():
         assert config.data.data == "tfds:mnist", path
         offline = config.replace({"data": {"data": "npz:../shared/data/mnist.npz"}})
         assert offline.model == config.model
+
+
+def test_the_settings_page_shows_what_keras_vae_config_prints():
+    page = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
+    block = page.split("```yaml\n")[-1].split("```")[0]
+    assert block == commented_yaml()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from helpers import make_vae, posterior_params
+from helpers import json_server, make_vae, posterior_params
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -301,53 +301,30 @@ def test_grpc_client_end_to_end_on_loopback(exported, digits):
 
 def test_rest_client_end_to_end_on_loopback(exported, digits):
     """``predict_rest`` against a stand-in for TF Serving's REST predict API."""
-    import http.server
-    import threading
-
     model, path = exported
     signatures = tf.saved_model.load(str(path)).signatures
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            fn = signatures[body["signature_name"]]
-            if "instances" in body:  # row format: one dict of inputs per row
-                names = list(body["instances"][0])
-                inputs = {n: [row[n] for row in body["instances"]] for n in names}
-            else:
-                inputs = body["inputs"]
-            arg_specs = fn.structured_input_signature[1]
-            outputs = fn(**{n: tf.constant(v, arg_specs[n].dtype) for n, v in inputs.items()})
-            outputs = {k: v.numpy().tolist() for k, v in outputs.items()}
-            if "instances" in body:
-                rows = len(next(iter(outputs.values())))
-                reply = {
-                    "predictions": [{k: v[i] for k, v in outputs.items()} for i in range(rows)]
-                }
-            else:
-                reply = {"outputs": outputs}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(path, headers, body):
+        fn = signatures[body["signature_name"]]
+        if "instances" in body:  # row format: one dict of inputs per row
+            names = list(body["instances"][0])
+            inputs = {n: [row[n] for row in body["instances"]] for n in names}
+        else:
+            inputs = body["inputs"]
+        arg_specs = fn.structured_input_signature[1]
+        outputs = fn(**{n: tf.constant(v, arg_specs[n].dtype) for n, v in inputs.items()})
+        outputs = {k: v.numpy().tolist() for k, v in outputs.items()}
+        if "instances" not in body:
+            return {"outputs": outputs}
+        rows = len(next(iter(outputs.values())))
+        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(rows)]}
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/v1/models/digits:predict"
-    try:
+    with json_server(respond) as base:
+        url = f"{base}/v1/models/digits:predict"
         rows = serving.predict_rest(url, "encode", {"x": digits[:3]}, timeout=20)
         columns = serving.predict_rest(
             url, "score", {"x": digits[:3]}, row_format=False, timeout=20
         )
-    finally:
-        server.shutdown()
-        server.server_close()
     np.testing.assert_allclose(rows["z_mean"], model.encode_params(digits[:3])["z_mean"], atol=1e-5)
     expected = signatures["score"](x=tf.constant(digits[:3]))
     np.testing.assert_allclose(columns["log_px"], expected["log_px"].numpy(), rtol=1e-6)

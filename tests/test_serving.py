@@ -1,15 +1,14 @@
 """The TF Serving clients: cheap to import, exact REST JSON and gRPC conversions."""
 
-import http.server
 import json
 import subprocess
 import sys
 import textwrap
-import threading
 from concurrent import futures
 
 import numpy as np
 import pytest
+from helpers import json_server
 
 from keras_vae import serving
 
@@ -107,35 +106,19 @@ def test_error_response_raises_with_the_servers_message():
 def test_predict_rest_posts_json_and_parses_the_reply():
     received = {}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received["path"] = self.path
-            received["content_type"] = self.headers["Content-Type"]
-            received["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            data = json.dumps({"outputs": {"elbo": [-1.25, -2.5]}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(path, headers, body):
+        received.update(path=path, content_type=headers["Content-Type"], body=body)
+        return {"outputs": {"elbo": [-1.25, -2.5]}}
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     x = np.arange(4, dtype="float32").reshape(2, 2)
-    try:
+    with json_server(respond) as base:
         out = serving.predict_rest(
-            f"http://127.0.0.1:{server.server_port}/v1/models/m/versions/2:predict",
+            f"{base}/v1/models/m/versions/2:predict",
             "score",
             {"x": x},
             row_format=False,
             timeout=20,
         )
-    finally:
-        server.shutdown()
-        server.server_close()
     assert received["path"] == "/v1/models/m/versions/2:predict"
     assert received["content_type"] == "application/json"
     assert received["body"] == {"signature_name": "score", "inputs": {"x": [[0, 1], [2, 3]]}}

@@ -12,12 +12,10 @@ def add_bias(x, bias):
     """x + bias, with an accurate bias gradient also in bfloat16.
 
     Keras's ``ops.add`` of a bias becomes TensorFlow's ``BiasAdd``, whose CPU gradient
-    ``BiasAddGrad`` sums a bfloat16 gradient in bfloat16: over 128×28×28 values of about
-    0.5 the sum stops at 512 (float32: 50,166), and a bf16 conv VAE's transposed
-    convolutions got bias gradients 81–97% off. In bfloat16 ``tf.add``'s gradient, a
-    ``Sum``, accumulates in float32, and is also about 3× faster. Other dtypes keep
-    ``BiasAdd``: float32's fuses with the matmul or convolution before it, and float16's
-    ``BiasAddGrad`` is accurate where its ``Sum`` is not (it stops at 8,192 there).
+    ``BiasAddGrad`` sums a bfloat16 gradient in bfloat16, which stalls over large batches
+    (docs/benchmarks.md); in bfloat16 ``tf.add``'s gradient, a ``Sum``, accumulates in
+    float32. Other dtypes keep ``BiasAdd``: float32's fuses with the matmul or convolution
+    before it, and float16's ``BiasAddGrad`` is accurate where its ``Sum`` is not.
     """
     if x.dtype == tf.bfloat16:
         return tf.add(x, tf.cast(bias, x.dtype))
