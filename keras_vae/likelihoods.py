@@ -98,9 +98,9 @@ class LogitBernoulli(tfd.Bernoulli):
     """
 
     def _log_prob(self, event):
-        if self._logits is None:  # made from probabilities: TFP's own formula
+        if self.logits is None:  # made from probabilities: TFP's own formula
             return super()._log_prob(event)
-        logits = tf.convert_to_tensor(self._logits)
+        logits = tf.convert_to_tensor(self.logits)
         return tf.cast(event, logits.dtype) * logits - tf.math.softplus(logits)
 
 

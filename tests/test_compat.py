@@ -41,7 +41,7 @@ class OwnCompile(keras.Model):
 def test_keras_still_skips_compile_from_config_for_models_with_their_own_compile():
     # What compat.compile_from_config exists for; when Keras stops skipping, remove it.
     model = OwnCompile()
-    model.build((None, 2))
+    model(np.zeros((1, 2), "float32"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keras.Model.compile_from_config(model, {"optimizer": "adam", "loss": "mse"})
@@ -51,7 +51,7 @@ def test_keras_still_skips_compile_from_config_for_models_with_their_own_compile
 
 def test_compile_from_config_compiles_and_builds_the_optimizer():
     model = OwnCompile()
-    model.build((None, 2))
+    model(np.zeros((1, 2), "float32"))
     compat.compile_from_config(
         model, {"optimizer": keras.optimizers.serialize(keras.optimizers.Adam(0.01)), "loss": "mse"}
     )
