@@ -3,6 +3,8 @@
 import argparse
 import json
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from keras_vae import files
@@ -80,6 +82,8 @@ def _cmd_train(args):
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its saved config; leave out --config")
+        if args.run_dir:
+            raise ConfigError("--resume names the run directory it continues; leave out --run-dir")
         run_dir = Path(args.resume)
         base = saved_config(run_dir)
     else:
@@ -99,6 +103,8 @@ def _cmd_train(args):
         f"log p(x) (K={test['k']}) {test['log_px']['mean']:.2f} ± {test['log_px']['se']:.2f}"
     )
     print(f"SavedModel: {result.export_path}")
+    if not result.exported:
+        print("nothing to train: the run had finished; its metrics and SavedModel stand")
 
 
 def _cmd_evaluate(args):
@@ -129,7 +135,9 @@ def _cmd_evaluate(args):
         if args.binarize:
             overrides["data"]["binarize"] = args.binarize
         config = (config or RunConfig()).replace(overrides)
-        data = datasets.load(config.data.data, args.data_dir or config.data.data_dir)
+        data = datasets.load(
+            config.data.data, args.data_dir or config.data.data_dir, config.data.download
+        )
         model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
         x = evaluation_copy(config, data.x_test)
     x = x[: args.limit]
@@ -173,6 +181,7 @@ def _cmd_sample(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="keras-vae", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser(
@@ -221,13 +230,52 @@ def build_parser():
     return parser
 
 
+def _one_line(error):
+    """The error's message on one line (TensorFlow's and YAML's span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv=None):
+    """Runs the command; bad input gives a one-line message and exit code 2, an unexpected
+    error a short message and exit code 1 with its traceback in a file (or, with --debug,
+    the traceback itself)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
-        print(f"keras-vae: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as error:
+        # ConfigError and the data, checkpoint and model errors are ValueErrors; a path
+        # that is a file where a folder is expected (or the reverse) is an OSError.
+        if args.debug:
+            raise
+        print(f"keras-vae: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        if args.debug:
+            raise
+        print(
+            "keras-vae: error: out of memory; make the model or the batch smaller", file=sys.stderr
+        )
+        return 2
+    except Exception as error:
+        if args.debug:
+            raise
+        if type(error).__name__ == "ResourceExhaustedError":  # TensorFlow's out of memory
+            print(
+                f"keras-vae: error: out of memory ({_one_line(error)[:200]}); make the "
+                f"model or the batch smaller",
+                file=sys.stderr,
+            )
+            return 2
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="keras-vae-error-", suffix=".txt", delete=False
+        ) as f:
+            traceback.print_exc(file=f)
+        print(
+            f"keras-vae: unexpected error: {type(error).__name__}: {_one_line(error)}; the "
+            f"traceback is in {f.name} (--debug prints it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

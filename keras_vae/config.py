@@ -45,6 +45,9 @@ class DataConfig:
         requirement=f"be one of {DATA_KINDS} (with its argument)",
     )
     data_dir: str | None = setting(None, "TFDS data_dir (prepared data, for offline use)")
+    download: bool = setting(
+        False, "let TFDS download a data set not prepared in data_dir (else say so at once)"
+    )
     binarize: str = setting(
         "auto",
         "dynamic: a fresh x ~ Bernoulli(pixel) each epoch (the test set binarized "
@@ -173,7 +176,12 @@ class OutputConfig:
 
     runs_dir: str = setting("runs", "folder of the run directories <time>-<data>")
     export_dir: str = setting("saved_models", "folder of the SavedModels (NAME/VERSION/)")
-    export_name: str = setting("vae", "the SavedModel's model name (TF Serving's)")
+    export_name: str = setting(
+        "vae",
+        "the SavedModel's model name (TF Serving's)",
+        check=files.is_plain_name,
+        requirement="be a plain name: letters, digits, '.', '_', '-' (not '.' or '..')",
+    )
     plots: bool = setting(True, "write the run's figures (plots/*.png)")
 
 
@@ -296,16 +304,47 @@ def flag_table():
     return table
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the
+    last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"config key {key!r} is given twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs):
+    """A JSON object's dict, refusing a key given twice."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ConfigError(f"config key {key!r} is given twice")
+    return dict(pairs)
+
+
 def load_config_file(path):
-    """The mapping of a JSON or YAML config file."""
+    """The mapping of a JSON or YAML config file; a key given twice is refused."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"config file {path} is not valid JSON/YAML: {error}") from error
+        text = path.read_text()
+        if path.suffix == ".json":
+            values = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            values = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"config file {path} is not valid JSON/YAML: {reason}") from None
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return values

@@ -9,7 +9,9 @@ Sources (the ``data`` config key):
 
 import hashlib
 import math
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +50,14 @@ def to_unit_interval(x):
     return x[..., None] if x.ndim == 3 else x
 
 
-def load(spec, data_dir=None):
-    """The ``Data`` for a source spec (see the module docstring)."""
+def load(spec, data_dir=None, download=True):
+    """The ``Data`` for a source spec (see the module docstring). With ``download=False`` a
+    TFDS data set must already be prepared in ``data_dir``."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits()
     if kind == "tfds" and arg:
-        return _tfds(arg, data_dir)
+        return _tfds(arg, data_dir, download)
     if kind == "npz" and arg:
         return _npz(Path(arg))
     if kind == "images" and arg:
@@ -75,18 +78,33 @@ def _digits():
     return Data(x[:1437], x[1437:], y[:1437], y[1437:])
 
 
-def _tfds(arg, data_dir):
+def _tfds(arg, data_dir, download=True):
     import tensorflow_datasets as tfds
 
     name, _, splits = arg.partition(":")
     train_split, _, test_split = splits.partition(":")
     train_split, test_split = train_split or "train", test_split or "test"
     try:
-        parts = tfds.load(name, split=[train_split, test_split], data_dir=data_dir)
+        parts = tfds.load(
+            name, split=[train_split, test_split], data_dir=data_dir, download=download
+        )
+    except tfds.core.registered.DatasetNotFoundError as error:
+        # TFDS's own message lists every registered data set, hundreds of lines.
+        raise ValueError(
+            f"unknown TFDS data set {name!r} (tfds.list_builders() names the known ones)"
+        ) from error
     except Exception as error:
+        if not download and isinstance(error, AssertionError):
+            builder = tfds.builder(name, data_dir=data_dir)
+            if not builder.is_prepared():
+                root = builder.data_dir_root
+                raise ValueError(
+                    f"TFDS data set {name!r} is not prepared in {root} and downloading is off; "
+                    f"prepare it with `tfds build {name} --data_dir {root}` or allow downloading"
+                ) from error
         raise RuntimeError(
             f"Could not load TFDS data set {name!r} (splits {train_split!r}, {test_split!r}, "
-            f"data_dir={data_dir!r}): {error}. Without internet access the data must already "
+            f"data_dir={data_dir!r}): {_one_line(error)}. Without internet access the data must already "
             f"be prepared in data_dir (see `tfds build`)."
         ) from error
     if "image" not in parts[0].element_spec:
@@ -108,16 +126,49 @@ def _tfds_arrays(split):
 
 
 KERAS_LAYOUT = ("x_train", "x_test", "y_train", "y_test")  # what an npz data file holds
+NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # damaged npz files
+
+
+def _one_line(error):
+    """The error's message with its line breaks and runs of spaces made single spaces."""
+    return " ".join(str(error).split())
+
+
+class _UnreadableNpz(ValueError):
+    """Why an npz archive cannot be read, without its path (callers say what the file is)."""
+
+
+def _read_npz(path, names):
+    """{name: array} for those of ``names`` the npz archive at ``path`` holds, and all the
+    names it holds; _UnreadableNpz saying why (naming the array) if it cannot be read."""
+    if not zipfile.is_zipfile(path):
+        raise _UnreadableNpz(
+            "not an npz archive (np.savez writes a zip of .npy arrays; this file is not a zip, "
+            "or is a truncated one)"
+        )
+    arrays, name = {}, None
+    try:
+        # Object arrays stay refused: unpickling a data file could run arbitrary code.
+        with np.load(path, allow_pickle=False) as npz:
+            held = npz.files
+            for name in (n for n in names if n in held):
+                arrays[name] = npz[name]
+    except NPZ_ERRORS as error:
+        where = "" if name is None else f"{name}: "
+        raise _UnreadableNpz(f"{where}{_one_line(error)}") from error
+    for name, array in arrays.items():
+        # NumPy hands back a member that is not a .npy array as raw bytes.
+        if not isinstance(array, np.ndarray):
+            raise _UnreadableNpz(f"{name}: not a .npy array")
+    return arrays, held
 
 
 def _npz(path):
     if not path.is_file():
         raise FileNotFoundError(f"npz data file not found: {path}")
     try:
-        with np.load(path) as npz:
-            arrays = {name: npz[name] for name in KERAS_LAYOUT if name in npz.files}
-            names = npz.files
-    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        arrays, names = _read_npz(path, KERAS_LAYOUT)
+    except _UnreadableNpz as error:
         raise ValueError(f"cannot read npz data file {path}: {error}") from error
     missing = {"x_train", "x_test"} - set(arrays)
     if missing:
@@ -125,42 +176,113 @@ def _npz(path):
             f"npz data file {path} lacks {sorted(missing)} (it has {names}); "
             f"expected the Keras layout x_train, x_test, optional y_train, y_test."
         )
+    for name, array in arrays.items():
+        _check_numeric(array, f"npz data file {path}: {name}")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
+    # The examples' shape itself is the model's to check (model.check_data names both).
+    for split, x in (("train", x_train), ("test", x_test)):
+        if x.ndim < 2:
+            raise ValueError(
+                f"npz data file {path}: x_{split} has shape {x.shape}; expected one example "
+                f"per row, [N, ...]"
+            )
+        y = arrays.get(f"y_{split}")
+        if y is not None and y.shape != (len(x),):
+            raise ValueError(
+                f"npz data file {path}: y_{split} has shape {y.shape}; expected one label "
+                f"per example of x_{split}, shape ({len(x)},)"
+            )
     return Data(
-        to_unit_interval(arrays["x_train"]),
-        to_unit_interval(arrays["x_test"]),
+        to_unit_interval(x_train),
+        to_unit_interval(x_test),
         arrays.get("y_train"),
         arrays.get("y_test"),
     )
 
 
-def _images(folder):
-    from PIL import Image
+def _check_numeric(array, what):
+    """ValueError naming ``what`` unless the array holds real numbers (bool, int or float)."""
+    if np.iscomplexobj(array):
+        raise ValueError(
+            f"{what} is complex ({array.dtype}); expected real pixel values (casting would "
+            f"drop the imaginary part)"
+        )
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{what} has dtype {array.dtype}; expected numbers (int or float)")
 
+
+def _images(folder):
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not files:
         raise ValueError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    # Palette, binary and alpha images become gray or RGB intensities, not palette indices.
-    images = [np.asarray(_intensities(Image.open(p))) for p in files]
-    shapes = {image.shape for image in images}
+    images = [_image_intensities(p) for p in files]
+    shapes = {}
+    for path, image in zip(files, images):
+        shapes.setdefault(image.shape, path)
     if len(shapes) != 1:
-        raise ValueError(f"images in {folder} differ in shape: {sorted(shapes)}")
+        examples = ", ".join(f"{shape} ({path.name})" for shape, path in sorted(shapes.items()))
+        raise ValueError(f"images in {folder} differ in shape: {examples}")
     classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
     y = np.array([classes.index(p.parent.relative_to(folder).as_posix()) for p in files])
-    x = to_unit_interval(np.stack(images))
+    x = np.stack(images)
     order = np.random.default_rng(0).permutation(len(files))
     n_test = max(1, len(files) // 10)
     test, train = order[:n_test], order[n_test:]
     return Data(x[train], x[test], y[train], y[test])
 
 
-def _intensities(image):
-    return (
-        image
-        if image.mode in ("L", "RGB")
-        else image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
-    )
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's unsigned 16-bit gray modes
+
+
+def _image_intensities(path):
+    """The image file's pixels as float32 [H, W, C] in [0, 1]: 8-bit values / 255, 16-bit
+    values / 65535; ValueError naming the file if it cannot be fully decoded."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns about images between its pixel limit and twice that.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decodes every pixel, so truncated files fail here
+                mode = image.mode
+                pixels = np.asarray(_gray_or_rgb(image))
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as error:
+        raise ValueError(f"cannot read image {path}: {_one_line(error)}") from error
+    if mode == "F":
+        raise ValueError(
+            f"image {path} has floating-point pixels (mode F); expected 8- or 16-bit images"
+        )
+    if mode == "I" or mode in SIXTEEN_BIT_MODES:
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"image {path} has 32-bit pixel values {low}..{high}, outside the 16-bit "
+                f"range 0..65535"
+            )
+        scaled = pixels.astype("float64") / 65535.0
+    else:
+        scaled = pixels / 255.0
+    scaled = scaled.astype("float32")
+    return scaled[..., None] if scaled.ndim == 2 else scaled
+
+
+def _gray_or_rgb(image):
+    """8-bit gray or RGB intensities of a PIL image (16- and 32-bit gray kept as they are):
+    palette, binary and alpha images become intensities, not palette indices."""
+    if image.mode in ("L", "RGB", "I", "F") or image.mode in SIXTEEN_BIT_MODES:
+        return image
+    return image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
 
 
 def binarize_once(x, seed=TEST_BINARIZATION_SEED):
@@ -182,9 +304,26 @@ def save_test_set(path, x, y=None):
 
 
 def load_test_set(path):
-    """(x, y or None) from ``save_test_set``."""
-    with np.load(path) as saved:
-        return saved["x"], saved.get("y")
+    """(x, y or None) from ``save_test_set``; FileNotFoundError or ValueError naming the
+    file if it is missing or damaged."""
+    path = Path(path)
+    advice = "score another data set with --data"
+    if not path.is_file():
+        raise FileNotFoundError(f"the run's test set {path} is missing; {advice}")
+    try:
+        arrays, names = _read_npz(path, ("x", "y"))
+    except _UnreadableNpz as error:
+        raise ValueError(f"the run's test set {path} is damaged: {error}; {advice}") from error
+    x, y = arrays.get("x"), arrays.get("y")
+    if x is None:
+        problem = f"it lacks the x array, it has {names}"
+    elif x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
+        problem = f"x is {x.dtype} of shape {x.shape}, not float32 [N, H, W, C] with N > 0"
+    elif y is not None and y.shape != (len(x),):
+        problem = f"y has shape {y.shape}, not one label per example ({len(x)},)"
+    else:
+        return x, y
+    raise ValueError(f"the run's test set {path} is damaged: {problem}; {advice}")
 
 
 def steps_per_epoch(num_examples, batch_size):

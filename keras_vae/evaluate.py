@@ -27,6 +27,18 @@ def k_ladder(num_samples):
     return ladder + [num_samples]
 
 
+def chunk_bounds(num_samples, chunk_size, stops):
+    """The ends of the successive chunks of draws 0..K: each multiple of ``chunk_size`` and
+    each of ``stops`` (sorted), generated one at a time so that memory does not grow with K."""
+    done, stops = 0, iter(stops)
+    stop = next(stops, num_samples)
+    while done < num_samples:
+        while stop <= done:
+            stop = next(stops, num_samples)
+        done = min((done // chunk_size + 1) * chunk_size, stop, num_samples)
+        yield done
+
+
 class _Accumulator:
     """Running per-example sums over draws, in log space where needed."""
 
@@ -40,11 +52,13 @@ class _Accumulator:
 
     def add(self, log_w, log_px_z):
         log_w, log_px_z = np.float64(log_w), np.float64(log_px_z)
-        self.lse_w = np.logaddexp(self.lse_w, logsumexp(log_w, axis=0))
-        self.lse_w2 = np.logaddexp(self.lse_w2, logsumexp(2 * log_w, axis=0))
-        self.sum_ll += log_px_z.sum(0)
-        self.sum_ll2 += (log_px_z**2).sum(0)
-        self.sum_log_ratio += (log_px_z - log_w).sum(0)
+        # Non-finite draws give NaN sums that importance_weighted reports by example.
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.lse_w = np.logaddexp(self.lse_w, logsumexp(log_w, axis=0))
+            self.lse_w2 = np.logaddexp(self.lse_w2, logsumexp(2 * log_w, axis=0))
+            self.sum_ll += log_px_z.sum(0)
+            self.sum_ll2 += (log_px_z**2).sum(0)
+            self.sum_log_ratio += (log_px_z - log_w).sum(0)
         self.count += log_w.shape[0]
 
     def log_px(self):
@@ -69,7 +83,6 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         raise ValueError("nothing to evaluate: x has no examples")
     model.check_data(x)
     ladder = k_ladder(num_samples)
-    bounds = sorted(set(ladder) | set(range(chunk_size, num_samples, chunk_size)))
 
     @tf.function(reduce_retracing=True)
     def draws(x_batch, first, count, batch_index):
@@ -92,7 +105,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         x_batch = tf.constant(x[start : start + batch_size])
         acc = _Accumulator(len(x_batch))
         done = 0
-        for bound in bounds:
+        for bound in chunk_bounds(num_samples, chunk_size, ladder):
             log_w, log_px_z, kl = draws(
                 x_batch,
                 tf.constant(done, tf.int64),
@@ -103,6 +116,13 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
             done = bound
             if bound in by_k:
                 by_k[bound].append(acc.log_px()[0])
+        bad = np.flatnonzero(~(np.isfinite(acc.lse_w) & np.isfinite(acc.sum_ll)))
+        if len(bad):
+            first = start + bad[0]
+            raise ValueError(
+                f"the scores of {len(bad)} examples are not finite (first: example {first}, "
+                f"max |x| {np.abs(x[first]).max():g}): x is too large for the model's float32"
+            )
         k = acc.count
         mean_ll = acc.sum_ll / k
         var_ll = np.maximum(acc.sum_ll2 / k - mean_ll**2, 0.0) * k / max(k - 1, 1)

@@ -11,11 +11,18 @@ Signatures (every input has a leading batch dimension, so TF Serving's row forma
                from the same seed); the same seed always gives the same row
 - ``score``:   x → elbo and log_px (nats), from SCORE_SAMPLES fixed draws ε_k shared by all
                rows (``score_epsilon``): each example's score depends on that example alone,
-               and is reproducible
+               and is reproducible; rows are scored SCORE_CHUNK at a time, so a request's
+               memory is that of SCORE_CHUNK × SCORE_SAMPLES decoder evaluations whatever
+               its batch size
+
+NAME must be a plain name (``check_model_name``). Each export writes into a temporary
+``NAME/.export-<pid>-<random>`` folder; one left by a process that no longer runs (killed
+mid-export) is removed by the next export into NAME.
 """
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,8 +34,25 @@ import tensorflow as tf
 from keras_vae import files
 
 SCORE_SAMPLES = 256
+SCORE_CHUNK = 64
 SCORE_SEED = (2024, 5)
 SERVING_SIGNATURES = ("serving_default", "encode", "decode", "sample", "score")
+_TEMP_PREFIX = ".export-"
+_TEMP_NAME = re.compile(r"\.export-([0-9]+)-.*", re.DOTALL)
+
+
+def check_model_name(name):
+    """``name`` itself if it is a plain model name: one or more ASCII letters, digits, ``.``,
+    ``_`` or ``-``, and not ``.`` or ``..``; otherwise raises ValueError naming it.
+
+    The name becomes a folder under the export directory and a quoted string in
+    ``models.config``, so anything else could leave that folder or break the file."""
+    if not files.is_plain_name(name):
+        raise ValueError(
+            f"model name {name!r} must be a plain name: letters, digits, '.', '_', '-' "
+            f"(not '.' or '..')"
+        )
+    return name
 
 
 def score_epsilon(latent_dim):
@@ -105,7 +129,27 @@ def serving_functions(model):
 
     @tf.function(input_signature=[x_spec])
     def score(x):  # model.score checks the values itself
-        return model.score(tf.ensure_shape(x, x_spec.shape), SCORE_SAMPLES, epsilon=epsilon)
+        x = tf.ensure_shape(x, x_spec.shape)
+        rows = tf.shape(x)[0]
+        # One pass even for an empty batch, so its outputs keep their names and dtypes.
+        chunks = tf.maximum((rows + SCORE_CHUNK - 1) // SCORE_CHUNK, 1)
+        arrays = {
+            key: tf.TensorArray(tf.float32, size=chunks, element_shape=(None,), infer_shape=False)
+            for key in ("elbo", "log_px")
+        }
+
+        def body(i, arrays):
+            chunk = x[i * SCORE_CHUNK : (i + 1) * SCORE_CHUNK]
+            scores = model.score(chunk, SCORE_SAMPLES, epsilon=epsilon)
+            return i + 1, {
+                key: arrays[key].write(i, tf.cast(scores[key], tf.float32)) for key in arrays
+            }
+
+        # parallel_iterations=1: chunks run one after another, else their memory adds up.
+        _, arrays = tf.while_loop(
+            lambda i, _: i < chunks, body, (tf.constant(0), arrays), parallel_iterations=1
+        )
+        return {key: array.concat() for key, array in arrays.items()}
 
     return {
         "serving_default": serving_default,
@@ -130,20 +174,52 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
+def _process_may_run(pid):
+    """False only where no process with id ``pid`` exists; True for a running process,
+    another user's included, and wherever that cannot be told."""
+    if pid <= 0:  # os.kill(0, …) would signal our own process group
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 checks that the process exists and sends nothing
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(model_dir):
+    """Removes the ``.export-<pid>-*`` folders under ``model_dir`` whose process no longer
+    runs, and returns their paths; another running process's folders are left alone."""
+    removed = []
+    for path in sorted(Path(model_dir).glob(_TEMP_PREFIX + "*")):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        if _process_may_run(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def export_model(model, export_dir="saved_models", name="vae"):
     """Writes ``export_dir/name/<next version>/`` and returns its path.
 
     The SavedModel is written to a temporary folder beside it, synced and renamed into
     place, so TF Serving (which polls the folder) never sees a half-written version and an
-    existing version is never overwritten.
+    existing version is never overwritten. ``name`` must pass ``check_model_name`` (nothing
+    is written otherwise), and temporary folders left by killed exports are removed first.
     """
+    check_model_name(name)
     model_dir = Path(export_dir) / name
     model_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(model_dir)
     archive = keras.export.ExportArchive()
     archive.track(model)
     for signature, fn in serving_functions(model).items():
         archive.add_endpoint(signature, fn)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=model_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=model_dir))
     try:
         archive.write_out(str(tmp / "model"), verbose=False)
         extra = tmp / "model" / "assets.extra"

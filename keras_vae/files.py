@@ -3,8 +3,17 @@ target, synced and renamed over it (``os.replace`` is atomic), so the old file s
 until the new one is."""
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def is_plain_name(name):
+    """Whether ``name`` is a plain file name: letters, digits, '.', '_', '-', not '.' or '..'
+    (so that it names a folder inside its parent and nothing else)."""
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 @contextmanager

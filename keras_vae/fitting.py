@@ -141,13 +141,15 @@ def split_validation(x_train, fraction):
 @dataclass
 class Fitted:
     """What ``fit`` leaves for the report: the run directory (a scratch folder on a
-    non-chief worker), the evaluation copy of the test set and its labels."""
+    non-chief worker), the evaluation copy of the test set and its labels, and whether
+    this call trained any epoch."""
 
     model: VAE
     run_dir: Path
     chief: bool
     x_test: np.ndarray
     y_test: np.ndarray | None
+    trained: bool
 
 
 def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
@@ -163,7 +165,7 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     seed = config.model.seed
     keras.utils.set_random_seed(seed)
     strategy = make_strategy(training.strategy)
-    data = datasets.load(config.data.data, config.data.data_dir)
+    data = datasets.load(config.data.data, config.data.data_dir, config.data.download)
     x_train, x_val = split_validation(data.x_train, config.data.validation_fraction)
     if not len(x_train) or not len(data.x_test):
         raise ValueError(
@@ -209,15 +211,20 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         validation = datasets.evaluation_dataset(
             evaluation_copy(config, x_val), training.batch_size
         )
-    if initial_epoch < training.epochs and not (patience and wait >= patience):
+    trained = initial_epoch < training.epochs and not (patience and wait >= patience)
+    if trained:
         train_ds = datasets.training_dataset(
             x_train, training.batch_size, seed, binarize, initial_epoch, training.epochs
         )
         all_callbacks = [
             # First, so that the other callbacks log the epoch's learning rate.
             keras.callbacks.LearningRateScheduler(training.learning_rate_at),
-            AtomicCheckpoint(checkpoints, state["best_val_elbo"], state["best_epoch"]),
+            # The history row before the checkpoint that claims its epoch: a kill between
+            # them leaves a row that the resume trims, never a checkpoint without its row.
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            AtomicCheckpoint(
+                checkpoints, config.to_dict()["model"], state["best_val_elbo"], state["best_epoch"]
+            ),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
             # Raise rather than stop: a diverged model must not be evaluated or exported.
             keras.callbacks.TerminateOnNaN(raise_error=True),
@@ -234,4 +241,4 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             callbacks=all_callbacks + list(callbacks),
             verbose=verbose,
         )
-    return Fitted(model, run_dir, chief, x_test, data.y_test)
+    return Fitted(model, run_dir, chief, x_test, data.y_test, trained)

@@ -174,6 +174,12 @@ class VAE(keras.Model):
         all). A factorized decoder ignores ``x`` and ``noise``.
         """
         z = ops.convert_to_tensor(z, "float32")
+        if self.config.check_inputs:
+            z = _asserted_finite(z, "keras_vae: z contains NaN or inf")
+        return self._decode(z, x, noise, training)
+
+    def _decode(self, z, x=None, noise=None, training=False):
+        """``decode`` of the model's own z (drawn or encoded, never NaN unless x overflows)."""
         if self.autoregressive:
             if x is None:
                 x = self.decoder.draw(z, noise)
@@ -224,7 +230,7 @@ class VAE(keras.Model):
         posterior = self.posterior.distribution(params)
         prior = self.prior.distribution()
         z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
-        log_px_z = self.decode(z, x, training=training).log_prob(x)
+        log_px_z = self._decode(z, x, training=training).log_prob(x)
         kl = None
         if self.prior.analytic_kl and self.posterior.analytic_kl:
             kl = tf.convert_to_tensor(posterior.kl_divergence(prior))
@@ -282,7 +288,7 @@ class VAE(keras.Model):
         Bernoulli); for an autoregressive decoder, each element's E[x_d | x_<d, z]."""
         x = self.validated(x)
         params = self.encode_params(x, training=training)
-        return self.decode(self.posterior.mean(params), x, training=training).mean()
+        return self._decode(self.posterior.mean(params), x, training=training).mean()
 
     def train_step(self, data):
         gradients, terms = self.compute_gradients(_features(data))
@@ -372,7 +378,7 @@ class VAE(keras.Model):
         if self.autoregressive:
             noise_seed = self.prior_samples.next() if seed is None else (seed, 1)
             noise = tf.random.stateless_uniform((num_samples,) + self.data_shape, seed=noise_seed)
-        return self.decode(z, noise=noise).mean()
+        return self._decode(z, noise=noise).mean()
 
     def elbo(self, x, num_samples=1, seed=None):
         """Per-example ELBO E_q[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)) in nats ([batch]), the
@@ -386,10 +392,15 @@ class VAE(keras.Model):
         log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
             x, num_samples, seed=seed, epsilon=epsilon
         )
-        return {
+        scores = {
             "elbo": ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic),
             "log_px": log_mean_exp(log_px_z + log_pz - log_qz),
         }
+        if not self.config.check_inputs:
+            return scores
+        # Finite inputs of huge magnitude overflow the networks' float32 arithmetic.
+        message = "keras_vae: the score is not finite: x is too large for the model's float32"
+        return {key: _asserted_finite(value, message) for key, value in scores.items()}
 
     # ------------------------------------------------------------------ checks, config
     def _check_shape(self, x):
@@ -432,6 +443,14 @@ class VAE(keras.Model):
             config[name] = keras.saving.deserialize_keras_object(config[name])
         config["config"] = VAEConfig(**config["config"])
         return cls(**config)
+
+
+def _asserted_finite(values, message):
+    """``values``, asserted (in graph or eager mode) to hold no NaN or inf."""
+    # values·0 is NaN exactly where values are NaN or ±inf; its sum cannot overflow.
+    finite = tf.math.is_finite(tf.reduce_sum(values * ops.cast(0, values.dtype)))
+    with tf.control_dependencies([tf.debugging.Assert(finite, [message])]):
+        return tf.identity(values)
 
 
 def _piece(kind, value, **kwargs):

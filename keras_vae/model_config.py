@@ -68,7 +68,12 @@ class VAEConfig:
         "same expectation, typically less variance; objective 'iwae' only)",
         choices=("reparam", "dreg"),
     )
-    seed: int | None = setting(0, "seed of the sampling noise, dropout and data order")
+    seed: int | None = setting(
+        0,
+        "seed of the sampling noise, dropout and data order",
+        check=lambda v: v is None or 0 <= v < 2**32,
+        requirement="be None or an integer in [0, 2**32)",
+    )
     check_inputs: bool = setting(
         True,
         "assert that every batch is finite and in the likelihood's support (XLA drops "

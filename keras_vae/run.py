@@ -1,5 +1,6 @@
 """A training run end to end: ``fitting.fit``, then on the chief ``report.finish``."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,10 +10,14 @@ from keras_vae.model import VAE
 
 @dataclass
 class RunResult:
+    """The run's model, directory, test metrics and SavedModel; ``exported``: whether this
+    call wrote the SavedModel (a finished run resumed keeps the one it has)."""
+
     model: VAE
     run_dir: Path
     metrics: dict
     export_path: Path | None
+    exported: bool = True
 
 
 def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
@@ -22,5 +27,20 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     fitted = fitting.fit(config, run_dir, resume, callbacks, verbose)
     if not fitted.chief:
         return RunResult(fitted.model, fitted.run_dir, {}, None)
+    previous = _previous_export(config, fitted.run_dir)
+    if not fitted.trained and previous is not None:
+        metrics = json.loads((fitted.run_dir / "metrics.json").read_text())
+        return RunResult(fitted.model, fitted.run_dir, metrics, previous, exported=False)
     model, metrics, export_path = report.finish(config, fitted)
     return RunResult(model, fitted.run_dir, metrics, export_path)
+
+
+def _previous_export(config, run_dir):
+    """The SavedModel that the run already exported where ``config`` exports, or None."""
+    try:
+        path = Path(json.loads((run_dir / "export.json").read_text())["saved_model"])
+        json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    target = (Path(config.output.export_dir) / config.output.export_name).resolve()
+    return path if path.parent == target and path.is_dir() else None

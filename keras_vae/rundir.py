@@ -9,6 +9,7 @@ import csv
 import json
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import keras
@@ -16,6 +17,7 @@ import numpy as np
 
 from keras_vae import files
 from keras_vae.config import RESUMABLE, ConfigError, RunConfig
+from keras_vae.model import VAE
 
 STATE_ENTRY = "keras_vae_state.json"
 # The run's evaluation copy of the test set (see data.save_test_set).
@@ -30,12 +32,14 @@ class AtomicCheckpoint(keras.callbacks.Callback):
     (``files.atomic_path``), so a run killed while saving never leaves a corrupt checkpoint; an
     epoch whose logs hold NaN or inf is not saved at all. Each file also carries the number
     of completed epochs, the best validation ELBO so far and the epoch count it was reached
-    at (``checkpoint_state``), which a resumed run starts from.
+    at, and the run config's model section it was built from (``checkpoint_state``), which
+    a resumed run starts from.
     """
 
-    def __init__(self, folder, best=-np.inf, best_epoch=0):
+    def __init__(self, folder, model_settings, best=-np.inf, best_epoch=0):
         super().__init__()
         self.folder = Path(folder)
+        self.model_settings = model_settings
         self.best, self.best_epoch = best, best_epoch
 
     def _save(self, name, epochs_completed):
@@ -49,6 +53,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                             "epochs_completed": epochs_completed,
                             "best_val_elbo": self.best,
                             "best_epoch": self.best_epoch,
+                            "model": self.model_settings,
                         }
                     ),
                 )
@@ -65,14 +70,32 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def load_checkpoint(path):
-    """The model saved in the ``.keras`` file at ``path``; a ValueError names the file if
-    it holds none."""
+    """The keras-vae model saved in the ``.keras`` file at ``path``; a ValueError names the
+    file if it holds none, is damaged, or holds another kind of model."""
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a .keras model: not a zip archive")
     try:
-        return keras.saving.load_model(path)
-    except (ValueError, KeyError, OSError, TypeError) as error:
-        raise ValueError(f"cannot load the model in {path}: {error}") from error
+        # Keras reads the weights without checking the archive's CRCs: a damaged file
+        # would load with wrong weights.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{damaged} fails its CRC check")
+        model = keras.saving.load_model(path)
+    except (
+        ValueError,
+        KeyError,
+        OSError,
+        TypeError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"cannot load the model in {path}: {reason}") from None
+    if not isinstance(model, VAE):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a keras-vae model")  # noqa: TRY004 (a bad file)
+    return model
 
 
 def checkpoint_state(path):
@@ -86,7 +109,40 @@ def checkpoint_state(path):
                 f"{path} is not a keras-vae checkpoint: it has no {STATE_ENTRY} "
                 f"(a model saved with model.save cannot be resumed)"
             )
-        return json.loads(archive.read(STATE_ENTRY))
+        try:
+            state = json.loads(archive.read(STATE_ENTRY))
+        except (ValueError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"{path}: its {STATE_ENTRY} cannot be read ({error})") from None
+    _check_state(path, state)
+    return state
+
+
+def _check_state(path, state):
+    """Raises ValueError naming the key unless ``state`` is what AtomicCheckpoint writes."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: its {STATE_ENTRY} is not a mapping")  # noqa: TRY004 (a bad file)
+    done = state.get("epochs_completed")
+    checks = [
+        (
+            "epochs_completed",
+            isinstance(done, int) and not isinstance(done, bool) and done >= 0,
+            "an integer >= 0",
+        ),
+        (
+            "best_epoch",
+            isinstance(state.get("best_epoch"), int)
+            and isinstance(done, int)
+            and 0 <= state["best_epoch"] <= done,
+            "an integer in [0, epochs_completed]",
+        ),
+        ("best_val_elbo", isinstance(state.get("best_val_elbo"), float), "a number"),
+        ("model", isinstance(state.get("model"), dict), "the run config's model section"),
+    ]
+    for key, ok, requirement in checks:
+        if not ok:
+            raise ValueError(
+                f"{path}: {STATE_ENTRY} key {key!r} must be {requirement}; got {state.get(key)!r}"
+            )
 
 
 def saved_config(run_dir):
@@ -199,5 +255,21 @@ def starting_point(run_dir, config, resume):
         )
     else:
         resumed_from, state = None, start
-    _check_resumed_config(saved, config, state["epochs_completed"])
+    done = state["epochs_completed"]
+    if resumed_from and state["model"] != saved.to_dict()["model"]:
+        changed = sorted(
+            key
+            for key, value in state["model"].items()
+            if saved.to_dict()["model"].get(key) != value
+        )
+        raise ValueError(
+            f"cannot resume {run_dir}: its checkpoint {last} holds another model "
+            f"than config.json describes (differing: {', '.join(changed)})"
+        )
+    if config.training.epochs < done:
+        raise ConfigError(
+            f"config key 'epochs' must be at least the {done} epochs the run has "
+            f"trained; got {config.training.epochs}"
+        )
+    _check_resumed_config(saved, config, done)
     return resumed_from, state

@@ -79,15 +79,20 @@ def user_networks(data_shape=(8, 8, 1), latent_dim=2, width=32):
 
 @contextlib.contextmanager
 def json_server(respond):
-    """A loopback HTTP server whose POST replies with ``respond(path, headers, body)`` as
-    JSON; yields its base URL."""
+    """A loopback HTTP server whose POST replies with ``respond(path, headers, body)``: a
+    mapping sent as JSON with status 200, or a tuple (status, bytes, content type) sent as
+    it is; yields its base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            data = json.dumps(respond(self.path, self.headers, body)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            reply = respond(self.path, self.headers, body)
+            if isinstance(reply, tuple):
+                status, data, content_type = reply
+            else:
+                status, data, content_type = 200, json.dumps(reply).encode(), "application/json"
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

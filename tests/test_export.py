@@ -210,6 +210,35 @@ def test_bad_inputs_are_refused(exported, digits):
         signatures["serving_default"](x=tf.constant(bad))
 
 
+@pytest.mark.parametrize("value", [1e10, 1e20, 3e38])
+def test_inputs_that_overflow_the_score_are_refused_not_answered_with_nan(exported, value):
+    model, path = exported
+    signatures = tf.saved_model.load(str(path)).signatures
+    x = np.full((2, 8, 8, 1), value, "float32")
+    message = "the score is not finite: x is too large"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        signatures["score"](x=tf.constant(x))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        model.score(x, 8)
+    with pytest.raises(ValueError, match=r"scores of 2 examples are not finite .*example 0"):
+        importance_weighted(model, x, 4)
+    # Ordinary inputs still score, served and in memory alike.
+    fine = signatures["score"](x=tf.constant(x / value))
+    assert np.isfinite(fine["log_px"].numpy()).all()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_decode_refuses_z_that_is_not_finite(exported, value):
+    model, path = exported
+    signatures = tf.saved_model.load(str(path)).signatures
+    z = np.zeros((2, 3), "float32")
+    z[1, 2] = value
+    with pytest.raises(tf.errors.InvalidArgumentError, match="z contains NaN or inf"):
+        signatures["decode"](z=tf.constant(z))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="z contains NaN or inf"):
+        model.decode(z)
+
+
 def _tree_digest(folder):
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

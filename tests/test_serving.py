@@ -1,6 +1,9 @@
 """The TF Serving clients: cheap to import, exact REST JSON and gRPC conversions."""
 
+import contextlib
 import json
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -91,8 +94,6 @@ def test_rest_request_names_mismatched_batch_sizes():
     x = np.zeros((3, 2), "float32")
     with pytest.raises(ValueError, match=r"equal batch sizes; got x: 3, y: 2$"):
         serving.rest_request("score", {"x": x, "y": x[:2]})
-    with pytest.raises(ValueError, match=r"got x: scalar$"):
-        serving.rest_request("score", {"x": 1.0})
     # Columnar requests carry each input whole, so sizes need not agree.
     body = serving.rest_request("score", {"x": x, "y": x[:2]}, row_format=False)
     assert (len(body["inputs"]["x"]), len(body["inputs"]["y"])) == (3, 2)
@@ -177,3 +178,182 @@ def test_predict_grpc_on_loopback():
     assert out["twice_x"].dtype == np.float32 and out["twice_seed"].dtype == np.int64
     np.testing.assert_array_equal(out["twice_x"], 2 * x)
     np.testing.assert_array_equal(out["twice_seed"], 2 * seeds)
+
+
+def closed_port():
+    """A loopback port that nothing listens on: bound, read, and closed again."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reply_server(status, body, content_type="application/json"):
+    """A loopback HTTP server whose every POST gets ``status`` with the bytes ``body``;
+    yields its predict URL."""
+    with json_server(lambda path, headers, request: (status, body, content_type)) as base:
+        yield f"{base}/v1/models/m:predict"
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A loopback port that accepts connections (the kernel's backlog) and never replies."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1/models/m:predict"
+
+
+@contextlib.contextmanager
+def refused_url():
+    yield f"http://127.0.0.1:{closed_port()}/v1/models/m:predict"
+
+
+NOT_FOUND = b'{"error": "Servable not found for request: Latest(m)"}'
+MULTILINE = json.dumps({"error": "Input to reshape is a tensor with 3 values,\n but 4"}).encode()
+
+# (case, server, the error's class, its whole message with {url} for the URL)
+REST_FAILURES = [
+    (
+        "closed port",
+        refused_url,
+        serving.ServingUnavailable,
+        r"cannot reach TF Serving at {url}: \[Errno \d+\] Connection refused",
+    ),
+    (
+        "no reply in time",
+        silent_server,
+        serving.ServingUnavailable,
+        r"no reply from {url} within 0\.5 s",
+    ),
+    (
+        "HTTP 404 with TF Serving's JSON error",
+        lambda: reply_server(404, NOT_FOUND),
+        ValueError,
+        r"TF Serving at {url} answered HTTP 404: Servable not found for request: Latest\(m\)",
+    ),
+    (
+        "HTTP 400 with a multi-line error",
+        lambda: reply_server(400, MULTILINE),
+        ValueError,
+        (
+            r"TF Serving at {url} answered HTTP 400: Input to reshape is a tensor with 3 "
+            r"values, but 4"
+        ),
+    ),
+    (
+        "HTTP 500 with a plain-text body",
+        lambda: reply_server(500, b"upstream\nfailure", "text/plain"),
+        ValueError,
+        r"TF Serving at {url} answered HTTP 500: upstream failure",
+    ),
+    (
+        "HTTP 503 with no body",
+        lambda: reply_server(503, b""),
+        ValueError,
+        r"TF Serving at {url} answered HTTP 503: Service Unavailable",
+    ),
+    (
+        "a reply that is not JSON",
+        lambda: reply_server(200, b"<html>\n<body>proxy login</body></html>", "text/html"),
+        ValueError,
+        r"the reply from {url} is not JSON: '<html> <body>proxy login</body></html>'",
+    ),
+    (
+        "JSON that is not a predict response",
+        lambda: reply_server(200, b"[1, 2]"),
+        ValueError,
+        r"{url}: not a TF Serving predict response: \[1, 2\]",
+    ),
+    (
+        "a 200 reply carrying an error",
+        lambda: reply_server(200, NOT_FOUND),
+        ValueError,
+        (
+            r"{url}: not a TF Serving predict response: Servable not found for request: "
+            r"Latest\(m\)"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "server, error, message",
+    [case[1:] for case in REST_FAILURES],
+    ids=[c[0] for c in REST_FAILURES],
+)
+def test_predict_rest_failures_name_the_url_and_the_reason(server, error, message):
+    with server() as url, pytest.raises(error) as raised:
+        serving.predict_rest(url, "score", {"x": np.zeros((2, 3), "float32")}, timeout=0.5)
+    text = str(raised.value)
+    assert re.fullmatch(message.format(url=re.escape(url)), text), text
+    assert "\n" not in text
+    # Unreachable is a ConnectionError (retry later); a refusal is the request's fault.
+    assert isinstance(raised.value, ConnectionError) == (error is serving.ServingUnavailable)
+
+
+SCALARS = [("x", 1.0, "1.0"), ("seed", np.int64(7), "7"), ("x", np.float32(0.5), "0.5")]
+
+
+@pytest.mark.parametrize("name, value, shown", SCALARS)
+def test_scalar_inputs_are_refused_naming_the_input(name, value, shown):
+    message = (
+        f"input {name!r} is a scalar ({shown}); every input needs a leading batch dimension, "
+        f"e.g. [value] for one example"
+    )
+    batch = np.zeros((2, 3), "float32")
+    for make in (
+        lambda inputs: serving.rest_request("score", inputs),
+        lambda inputs: serving.rest_request("score", inputs, row_format=False),
+        lambda inputs: serving.grpc_request("m", "score", inputs),
+    ):
+        with pytest.raises(ValueError) as raised:
+            make({"other": batch, name: value})
+        assert str(raised.value) == message
+    # predict_rest refuses it before anything is sent: the port is closed.
+    url = f"http://127.0.0.1:{closed_port()}/v1/models/m:predict"
+    with pytest.raises(ValueError) as raised:
+        serving.predict_rest(url, "score", {name: value}, timeout=0.5)
+    assert str(raised.value) == message
+
+
+def test_predict_grpc_failures_name_the_target_model_and_status():
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    class Missing(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            context.abort(grpc.StatusCode.NOT_FOUND, "Servable not found for request:\nLatest(m)")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Missing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    x = {"x": np.zeros((2, 3), "float32")}
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(ValueError) as raised,
+        ):
+            serving.predict_grpc(channel, "m", "score", x, timeout=20)
+    finally:
+        server.stop(grace=None)
+    assert not isinstance(raised.value, ConnectionError)
+    assert str(raised.value) == (
+        "TF Serving failed Predict for model 'm', signature 'score': NOT_FOUND: Servable not "
+        "found for request: Latest(m)"
+    )
+    assert isinstance(raised.value.__cause__, grpc.RpcError)
+
+    closed = closed_port()
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{closed}") as channel,
+        pytest.raises(serving.ServingUnavailable) as raised,
+    ):
+        serving.predict_grpc(channel, "m", "score", x, timeout=20)
+    assert re.fullmatch(
+        rf"TF Serving failed Predict for model 'm', signature 'score': UNAVAILABLE: "
+        rf".*{closed}.*",
+        str(raised.value),
+    ), str(raised.value)
+    assert isinstance(raised.value, ConnectionError)
