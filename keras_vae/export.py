@@ -86,15 +86,25 @@ def serving_functions(model):
     def checked_x(x):
         return model.validated(tf.ensure_shape(x, x_spec.shape))
 
+    # Finite inputs of huge magnitude overflow the networks' float32 arithmetic: refused,
+    # never answered with NaN or inf.
+    def finite(outputs):
+        message = "keras_vae: an output is not finite: the input is too large for the model"
+        return {
+            key: tf.debugging.assert_all_finite(value, message) for key, value in outputs.items()
+        }
+
     @tf.function(input_signature=[x_spec])
     def serving_default(x):
         x = checked_x(x)
-        params = model.encode_params(x)
-        return {"reconstruction": model.decode(model.posterior.mean(params), x).mean(), **params}
+        params = finite(model.encode_params(x))
+        return finite(
+            {"reconstruction": model.decode(model.posterior.mean(params), x).mean(), **params}
+        )
 
     @tf.function(input_signature=[x_spec])
     def encode(x):
-        return model.encode_params(checked_x(x))
+        return finite(model.encode_params(checked_x(x)))
 
     def decoded(z, noise=None):
         likelihood = model.decode(z, noise=noise)
@@ -107,7 +117,7 @@ def serving_functions(model):
 
     @tf.function(input_signature=[z_spec])
     def decode(z):
-        return decoded(tf.ensure_shape(z, z_spec.shape))
+        return finite(decoded(tf.ensure_shape(z, z_spec.shape)))
 
     def per_row(draw, shape, seed, stream):
         """One stateless draw of ``shape`` per row, from (that row's seed, ``stream``)."""

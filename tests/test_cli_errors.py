@@ -274,3 +274,21 @@ def test_history_is_complete_after_a_kill_right_after_a_checkpoint(tmp_path, mon
     with open(run / "history.csv") as f:
         assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["0", "1", "2", "3"]
     np.testing.assert_allclose(history["loss"], -np.array(history["elbo"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["MemoryError", "ResourceExhaustedError"])
+def test_a_model_too_large_for_memory_is_named(kind, monkeypatch, capsys):
+    import tensorflow as tf
+
+    from keras_vae import cli
+
+    def too_large(path):
+        if kind == "MemoryError":
+            raise MemoryError
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    monkeypatch.setattr(cli, "load_run_or_model", too_large)
+    assert main(["sample", "somewhere"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keras-vae: error: out of memory")
+    assert "make the model or the batch smaller" in err[0]

@@ -222,6 +222,8 @@ def test_inputs_that_overflow_the_score_are_refused_not_answered_with_nan(export
         model.score(x, 8)
     with pytest.raises(ValueError, match=r"scores of 2 examples are not finite .*example 0"):
         importance_weighted(model, x, 4)
+    for name in ("serving_default", "encode"):
+        finite_or_refused(signatures[name], x=tf.constant(x))
     # Ordinary inputs still score, served and in memory alike.
     fine = signatures["score"](x=tf.constant(x / value))
     assert np.isfinite(fine["log_px"].numpy()).all()
@@ -237,6 +239,21 @@ def test_decode_refuses_z_that_is_not_finite(exported, value):
         signatures["decode"](z=tf.constant(z))
     with pytest.raises(tf.errors.InvalidArgumentError, match="z contains NaN or inf"):
         model.decode(z)
+    for huge in (1e10, 3e38, -3e38):  # finite z far out: a finite answer or a refusal
+        finite_or_refused(signatures["decode"], z=tf.constant(np.full((2, 3), huge, "float32")))
+
+
+def finite_or_refused(signature, **inputs):
+    """ "finite" if every output of the call is finite, "refused" if it raised the overflow
+    error; anything else (a NaN or inf answer) fails."""
+    try:
+        outputs = signature(**inputs)
+    except tf.errors.InvalidArgumentError as error:
+        assert "the input is too large for the model" in str(error)
+        return "refused"
+    for key, value in outputs.items():
+        assert np.isfinite(value.numpy()).all(), key
+    return "finite"
 
 
 def _tree_digest(folder):
