@@ -1,6 +1,7 @@
 """The ``keras-vae`` command: ``train``, ``evaluate``, ``export``, ``sample``, ``config``."""
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -8,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from keras_vae import files
-from keras_vae.config import RunConfig, commented_yaml, flag_table
+from keras_vae.config import DataConfig, OutputConfig, RunConfig, commented_yaml, flag_table
 from keras_vae.settings import ConfigError, choices_of
 
 
@@ -16,25 +17,26 @@ def load_run_or_model(path):
     """(model, run config, run directory) from a run directory (its best checkpoint, else
     its last) or a ``.keras`` file; the config and directory are None for a ``.keras`` file
     outside a run's ``checkpoints/``."""
-    from keras_vae.rundir import load_checkpoint
+    from keras_vae.rundir import load_checkpoint, run_checkpoint, saved_config
 
     path = Path(path)
     if path.is_dir():
         run_dir = path
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a run directory: no config.json")
-        candidates = [path / "checkpoints" / name for name in ("best.keras", "last.keras")]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(f"run directory {run_dir} has no checkpoint")
+        config = saved_config(run_dir)
+        path = run_checkpoint(run_dir)
     elif path.is_file():
         run_dir = path.parent.parent
         if path.parent.name != "checkpoints" or not (run_dir / "config.json").is_file():
             run_dir = None
+        config = None if run_dir is None else saved_config(run_dir)
     else:
         raise FileNotFoundError(f"no run directory or .keras model at {path}")
-    config = None if run_dir is None else RunConfig.load(run_dir / "config.json")
     return load_checkpoint(path), config, run_dir
+
+
+def _field(cls, name):
+    """The declaration of setting ``name`` of the config section ``cls``."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _positive_int(text):
@@ -85,7 +87,10 @@ def _cmd_train(args):
         if args.run_dir:
             raise ConfigError("--resume names the run directory it continues; leave out --run-dir")
         run_dir = Path(args.resume)
-        base = saved_config(run_dir)
+        try:
+            base = saved_config(run_dir)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"cannot resume: {error}") from None
     else:
         run_dir = args.run_dir
         base = RunConfig.load(args.config) if args.config else RunConfig()
@@ -118,7 +123,7 @@ def _cmd_evaluate(args):
 
     model, config, run_dir = load_run_or_model(args.model)
     saved = None if run_dir is None else run_dir / TEST_SET_FILE
-    if saved is not None and saved.is_file() and not (args.data or args.binarize):
+    if saved is not None and saved.is_file() and not (args.data or args.binarize or args.data_dir):
         # The run's own test set, so that its scores never depend on redrawing it.
         x, _ = datasets.load_test_set(saved)
     else:
@@ -203,7 +208,7 @@ def build_parser():
     evaluate.add_argument("--data-dir", help="TFDS data_dir")
     evaluate.add_argument(
         "--binarize",
-        choices=("auto", "dynamic", "none"),
+        choices=choices_of(_field(DataConfig, "binarize")),
         help="binarize the test set once with a fixed seed (default: the run's)",
     )
     evaluate.add_argument("--k", type=_positive_int, default=1000, help="importance samples K")
@@ -217,8 +222,8 @@ def build_parser():
 
     export = commands.add_parser("export", help="write a SavedModel for TF Serving")
     export.add_argument("model", help="run directory or .keras file")
-    export.add_argument("--name", default="vae")
-    export.add_argument("--export-dir", default="saved_models")
+    export.add_argument("--name", default=_field(OutputConfig, "export_name").default)
+    export.add_argument("--export-dir", default=_field(OutputConfig, "export_dir").default)
     export.set_defaults(func=_cmd_export)
 
     sample = commands.add_parser("sample", help="draw from the prior and decode")
@@ -228,11 +233,6 @@ def build_parser():
     sample.add_argument("--output", default="samples.png", help=".png grid or .npy array")
     sample.set_defaults(func=_cmd_sample)
     return parser
-
-
-def _one_line(error):
-    """The error's message on one line (TensorFlow's and YAML's span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv=None):
@@ -247,7 +247,9 @@ def main(argv=None):
         # that is a file where a folder is expected (or the reverse) is an OSError.
         if args.debug:
             raise
-        print(f"keras-vae: error: {_one_line(error)}", file=sys.stderr)
+        print(
+            f"keras-vae: error: {(files.one_line(error) or type(error).__name__)}", file=sys.stderr
+        )
         return 2
     except MemoryError:
         if args.debug:
@@ -261,7 +263,7 @@ def main(argv=None):
             raise
         if type(error).__name__ == "ResourceExhaustedError":  # TensorFlow's out of memory
             print(
-                f"keras-vae: error: out of memory ({_one_line(error)[:200]}); make the "
+                f"keras-vae: error: out of memory ({files.one_line(error, 200)}); make the "
                 f"model or the batch smaller",
                 file=sys.stderr,
             )
@@ -271,7 +273,7 @@ def main(argv=None):
         ) as f:
             traceback.print_exc(file=f)
         print(
-            f"keras-vae: unexpected error: {type(error).__name__}: {_one_line(error)}; the "
+            f"keras-vae: unexpected error: {type(error).__name__}: {(files.one_line(error) or type(error).__name__)}; the "
             f"traceback is in {f.name} (--debug prints it)",
             file=sys.stderr,
         )

@@ -22,7 +22,9 @@ from keras_vae import files
 from keras_vae.model_config import DistributionsConfig, NetworkConfig, VAEConfig
 from keras_vae.settings import (
     ConfigError,
+    choices_of,
     coerce,
+    fail,
     finite_positive,
     positive,
     setting,
@@ -41,7 +43,7 @@ class DataConfig:
         "digits",
         "data source: digits (scikit-learn's 8×8 digits, offline), "
         "tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]], npz:PATH (Keras layout) or images:DIR",
-        check=lambda v: v == "digits" or v.startswith(DATA_KINDS[1:]),
+        check=lambda v: v == "digits" or v.startswith(DATA_KINDS[1:]) and bool(v.partition(":")[2]),
         requirement=f"be one of {DATA_KINDS} (with its argument)",
     )
     data_dir: str | None = setting(None, "TFDS data_dir (prepared data, for offline use)")
@@ -69,7 +71,14 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
 
     def rules(self):
         return (
-            NetworkConfig.rules(self)
+            [
+                (
+                    "seed",
+                    self.seed is not None,
+                    "must be an integer for a run (it seeds the data order)",
+                )
+            ]
+            + NetworkConfig.rules(self)
             + VAEConfig.rules(self)
             + [
                 (
@@ -180,7 +189,7 @@ class OutputConfig:
         "vae",
         "the SavedModel's model name (TF Serving's)",
         check=files.is_plain_name,
-        requirement="be a plain name: letters, digits, '.', '_', '-' (not '.' or '..')",
+        requirement=f"be {files.PLAIN_NAME_RULE}",
     )
     plots: bool = setting(True, "write the run's figures (plots/*.png)")
 
@@ -233,9 +242,7 @@ class RunConfig:
         ]
         for key, ok, section, requirement in rules:
             if not ok:
-                raise ConfigError(
-                    f"config key {key!r} {requirement}; got {getattr(section, key)!r}"
-                )
+                fail(key, requirement, getattr(section, key))
         return self
 
     def to_dict(self):
@@ -341,7 +348,7 @@ def load_config_file(path):
         else:
             values = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
-        reason = " ".join(str(error).split())
+        reason = files.one_line(error)
         raise ConfigError(f"config file {path} is not valid JSON/YAML: {reason}") from None
     except ConfigError as error:
         raise ConfigError(f"config file {path}: {error}") from None
@@ -361,9 +368,7 @@ def commented_yaml():
                 defaults[name][field.name], default_flow_style=True, width=1000
             ).strip()
             value = value.removesuffix("\n...").removesuffix(" ...")
-            choices = field.metadata.get("choices")
-            if choices is not None:
-                choices = choices() if callable(choices) else choices
+            choices = choices_of(field)
             extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
             lines.append(f"  {field.name}: {value}  # {field.metadata['help']}{extra}")
     return "\n".join(lines) + "\n"

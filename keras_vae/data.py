@@ -41,16 +41,25 @@ class Data:
 
 
 def to_unit_interval(x):
-    """Integer pixels 0..255 → [0, 1] float32 (integer data already in {0, 1} is kept);
-    images get a channel axis if they lack one."""
+    """Integer pixels → [0, 1] float32: 16-bit (uint16) divided by 65535, other integers by
+    255 (integer data already in {0, 1} is kept; values above 255 are refused); images get a
+    channel axis if they lack one."""
     x = np.asarray(x)
     if np.issubdtype(x.dtype, np.integer) and x.max(initial=0) > 1:
-        x = x / 255.0
+        if x.dtype == np.uint16:
+            x = x / 65535.0
+        elif x.max() > 255 or x.min() < 0:
+            raise ValueError(
+                f"integer pixels must be 0..255 (8-bit) or uint16; got {x.dtype} values in "
+                f"[{x.min()}, {x.max()}]"
+            )
+        else:
+            x = x / 255.0
     x = x.astype("float32")
     return x[..., None] if x.ndim == 3 else x
 
 
-def load(spec, data_dir=None, download=True):
+def load(spec, data_dir=None, download=False):
     """The ``Data`` for a source spec (see the module docstring). With ``download=False`` a
     TFDS data set must already be prepared in ``data_dir``."""
     kind, _, arg = spec.partition(":")
@@ -78,7 +87,7 @@ def _digits():
     return Data(x[:1437], x[1437:], y[:1437], y[1437:])
 
 
-def _tfds(arg, data_dir, download=True):
+def _tfds(arg, data_dir, download=False):
     import tensorflow_datasets as tfds
 
     name, _, splits = arg.partition(":")
@@ -104,7 +113,7 @@ def _tfds(arg, data_dir, download=True):
                 ) from error
         raise RuntimeError(
             f"Could not load TFDS data set {name!r} (splits {train_split!r}, {test_split!r}, "
-            f"data_dir={data_dir!r}): {_one_line(error)}. Without internet access the data must already "
+            f"data_dir={data_dir!r}): {files.one_line(error)}. Without internet access the data must already "
             f"be prepared in data_dir (see `tfds build`)."
         ) from error
     if "image" not in parts[0].element_spec:
@@ -129,11 +138,6 @@ KERAS_LAYOUT = ("x_train", "x_test", "y_train", "y_test")  # what an npz data fi
 NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # damaged npz files
 
 
-def _one_line(error):
-    """The error's message with its line breaks and runs of spaces made single spaces."""
-    return " ".join(str(error).split())
-
-
 class _UnreadableNpz(ValueError):
     """Why an npz archive cannot be read, without its path (callers say what the file is)."""
 
@@ -155,7 +159,7 @@ def _read_npz(path, names):
                 arrays[name] = npz[name]
     except NPZ_ERRORS as error:
         where = "" if name is None else f"{name}: "
-        raise _UnreadableNpz(f"{where}{_one_line(error)}") from error
+        raise _UnreadableNpz(f"{where}{files.one_line(error)}") from error
     for name, array in arrays.items():
         # NumPy hands back a member that is not a .npy array as raw bytes.
         if not isinstance(array, np.ndarray):
@@ -258,7 +262,7 @@ def _image_intensities(path):
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as error:
-        raise ValueError(f"cannot read image {path}: {_one_line(error)}") from error
+        raise ValueError(f"cannot read image {path}: {files.one_line(error)}") from error
     if mode == "F":
         raise ValueError(
             f"image {path} has floating-point pixels (mode F); expected 8- or 16-bit images"
@@ -317,8 +321,8 @@ def load_test_set(path):
     x, y = arrays.get("x"), arrays.get("y")
     if x is None:
         problem = f"it lacks the x array, it has {names}"
-    elif x.dtype != np.float32 or x.ndim != 4 or len(x) == 0:
-        problem = f"x is {x.dtype} of shape {x.shape}, not float32 [N, H, W, C] with N > 0"
+    elif x.dtype != np.float32 or x.ndim < 2 or len(x) == 0:
+        problem = f"x is {x.dtype} of shape {x.shape}, not float32 [N, ...] with N > 0"
     elif y is not None and y.shape != (len(x),):
         problem = f"y has shape {y.shape}, not one label per example ({len(x)},)"
     else:

@@ -48,10 +48,7 @@ def check_model_name(name):
     The name becomes a folder under the export directory and a quoted string in
     ``models.config``, so anything else could leave that folder or break the file."""
     if not files.is_plain_name(name):
-        raise ValueError(
-            f"model name {name!r} must be a plain name: letters, digits, '.', '_', '-' "
-            f"(not '.' or '..')"
-        )
+        raise ValueError(f"model name {name!r} must be {files.PLAIN_NAME_RULE}")
     return name
 
 
@@ -138,7 +135,7 @@ def serving_functions(model):
         return {"z": z, "mean": outputs["mean"]}
 
     @tf.function(input_signature=[x_spec])
-    def score(x):  # model.score checks the values itself
+    def score(x):
         x = tf.ensure_shape(x, x_spec.shape)
         rows = tf.shape(x)[0]
         # One pass even for an empty batch, so its outputs keep their names and dtypes.
@@ -159,7 +156,7 @@ def serving_functions(model):
         _, arrays = tf.while_loop(
             lambda i, _: i < chunks, body, (tf.constant(0), arrays), parallel_iterations=1
         )
-        return {key: array.concat() for key, array in arrays.items()}
+        return finite({key: array.concat() for key, array in arrays.items()})
 
     return {
         "serving_default": serving_default,
@@ -213,7 +210,7 @@ def remove_stale_temporaries(model_dir):
     return removed
 
 
-def export_model(model, export_dir="saved_models", name="vae"):
+def export_model(model, export_dir, name):
     """Writes ``export_dir/name/<next version>/`` and returns its path.
 
     The SavedModel is written to a temporary folder beside it, synced and renamed into

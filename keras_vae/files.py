@@ -10,6 +10,17 @@ from pathlib import Path
 PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def one_line(text, limit=None):
+    """``text`` on one line (runs of whitespace collapsed), cut to ``limit`` characters if
+    given, for error messages that quote another library's (TensorFlow's and YAML's span
+    lines)."""
+    text = " ".join(str(text).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
+PLAIN_NAME_RULE = "a plain name: letters, digits, '.', '_', '-' (not '.' or '..')"
+
+
 def is_plain_name(name):
     """Whether ``name`` is a plain file name: letters, digits, '.', '_', '-', not '.' or '..'
     (so that it names a folder inside its parent and nothing else)."""

@@ -182,8 +182,6 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
         # Every worker of a multi-worker run saves (saving reads mirrored variables), but
         # only the chief's files are the run's: the others write to a scratch folder.
         run_dir = Path(tempfile.mkdtemp(prefix="keras-vae-worker-"))
-    checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
     with strategy.scope():
         if resumed_from:
             model = load_checkpoint(resumed_from)
@@ -191,10 +189,12 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             model = compile_model(
                 build_model(config.model, data.shape, training.precision), training
             )
-    # One check of the whole data set, before anything trains: the per-batch checks in the
-    # model are dropped when the step is XLA-compiled.
+    # One check of the whole data set, before anything trains or is written: the per-batch
+    # checks in the model are dropped when the step is XLA-compiled.
     model.check_data(data.x_train)
     model.check_data(data.x_test)
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
     initial_epoch = state["epochs_completed"]
     # Epochs since the best validation ELBO: as many as the patience, and the run had
     # stopped early; a resumed run then trains no further.

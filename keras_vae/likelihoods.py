@@ -12,6 +12,8 @@ every data element and gives nats per example.
   (``learn_sigma="none"``), or learned as one shared value or one per data element.
 """
 
+import dataclasses
+import inspect
 import math
 
 import keras
@@ -177,8 +179,10 @@ class GaussianLikelihood(Likelihood):
 
 
 def from_config(config):
-    """The likelihood layer that a ``DistributionsConfig`` names."""
+    """The likelihood layer that a ``DistributionsConfig`` names, made with the settings of
+    that config which its constructor takes (the Gaussian's ``sigma`` and ``learn_sigma``)."""
     cls = registry.load("likelihood", config.likelihood)
-    if cls is GaussianLikelihood:
-        return cls(sigma=config.sigma, learn_sigma=config.learn_sigma)
-    return cls()
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(
+        **{key: value for key, value in dataclasses.asdict(config).items() if key in accepted}
+    )

@@ -376,7 +376,12 @@ class VAE(keras.Model):
         z = self.sample_prior(num_samples, seed)
         noise = None
         if self.autoregressive:
-            noise_seed = self.prior_samples.next() if seed is None else (seed, 1)
+            if seed is None:
+                noise_seed = self.prior_samples.next()
+            elif isinstance(seed, int):
+                noise_seed = (seed, 1)
+            else:  # a stateless seed pair: the noise's is derived from it
+                noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
             noise = tf.random.stateless_uniform((num_samples,) + self.data_shape, seed=noise_seed)
         return self._decode(z, noise=noise).mean()
 

@@ -6,7 +6,7 @@ import json
 from keras_vae import files, plots
 from keras_vae.evaluate import evaluate
 from keras_vae.export import export_model
-from keras_vae.rundir import checkpoint_state, load_checkpoint, read_history
+from keras_vae.rundir import checkpoint_state, load_checkpoint, read_history, run_checkpoint
 
 # K of the importance-weighted log p(x) in a run's final metrics.
 FINAL_EVAL_SAMPLES = 100
@@ -17,15 +17,16 @@ def finish(config, fitted):
     ELBO; without validation data, its last), scored on the test set with K =
     ``FINAL_EVAL_SAMPLES``, plotted and exported."""
     run_dir = fitted.run_dir
-    checkpoints = run_dir / "checkpoints"
-    best, last = checkpoints / "best.keras", checkpoints / "last.keras"
-    model = load_checkpoint(best if best.is_file() else last)
+    checkpoint = run_checkpoint(run_dir)
+    model = load_checkpoint(checkpoint)
     report, _ = evaluate(
         model, fitted.x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.model.seed
     )
     metrics = {
-        "epochs_completed": checkpoint_state(last)["epochs_completed"],
-        "checkpoint": "best.keras" if best.is_file() else "last.keras",
+        "epochs_completed": checkpoint_state(run_dir / "checkpoints" / "last.keras")[
+            "epochs_completed"
+        ],
+        "checkpoint": checkpoint.name,
         "test": report,
     }
     files.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -91,8 +91,7 @@ def load_checkpoint(path):
         zipfile.BadZipFile,
         zlib.error,
     ) as error:
-        reason = " ".join(str(error).split())[:300]
-        raise ValueError(f"cannot load the model in {path}: {reason}") from None
+        raise ValueError(f"cannot load the model in {path}: {files.one_line(error, 300)}") from None
     if not isinstance(model, VAE):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a keras-vae model")  # noqa: TRY004 (a bad file)
     return model
@@ -146,11 +145,21 @@ def _check_state(path, state):
 
 
 def saved_config(run_dir):
-    """The config a run in ``run_dir`` was trained with, to resume it."""
+    """The config a run in ``run_dir`` was trained with."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"cannot resume {run_dir}: no config.json")
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.json")
     return RunConfig.load(path)
+
+
+def run_checkpoint(run_dir):
+    """The run's model checkpoint: ``best.keras`` (by validation ELBO), else ``last.keras``;
+    a FileNotFoundError if it has neither."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    for name in ("best.keras", "last.keras"):
+        if (checkpoints / name).is_file():
+            return checkpoints / name
+    raise FileNotFoundError(f"run directory {run_dir} has no checkpoint")
 
 
 def new_run_dir(config):

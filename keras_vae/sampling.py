@@ -28,8 +28,8 @@ class Dropout(SavesSeedState, keras.layers.Dropout):
         context = tf.distribute.get_replica_context()
         if (
             not training
-            or self.rate in (0, 1)
-            or context is None  # rate 0 or 1: no mask
+            or self.rate in (0, 1)  # rate 0 or 1: no mask
+            or context is None
             or context.num_replicas_in_sync == 1
         ):
             return super().call(inputs, training=training)

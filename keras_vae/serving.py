@@ -23,17 +23,11 @@ import urllib.request
 
 import numpy as np
 
-_EXCERPT = 200
+from keras_vae.files import one_line
 
 
 class ServingUnavailable(ConnectionError):
     """TF Serving could not be reached, or did not reply in time."""
-
-
-def _one_line(text, limit=_EXCERPT):
-    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _batched(inputs):
@@ -42,7 +36,7 @@ def _batched(inputs):
     for name, array in arrays.items():
         if array.ndim == 0:
             raise ValueError(
-                f"input {name!r} is a scalar ({_one_line(repr(array.item()))}); every input "
+                f"input {name!r} is a scalar ({one_line(repr(array.item()), 200)}); every input "
                 f"needs a leading batch dimension, e.g. [value] for one example"
             )
     return arrays
@@ -81,7 +75,7 @@ def parse_rest_response(body):
             return {name: np.asarray(value) for name, value in outputs.items()}
         return {"output": np.asarray(outputs)}
     reason = body["error"] if isinstance(body, dict) and "error" in body else repr(body)
-    raise ValueError(f"not a TF Serving predict response: {_one_line(reason)}")
+    raise ValueError(f"not a TF Serving predict response: {one_line(reason, 200)}")
 
 
 def _http_reason(error):
@@ -96,8 +90,8 @@ def _http_reason(error):
     except ValueError:
         reply = None
     if isinstance(reply, dict) and "error" in reply:
-        return _one_line(reply["error"])
-    return _one_line(body) or _one_line(error.reason)
+        return one_line(reply["error"], 200)
+    return one_line(body, 200) or one_line(error.reason, 200)
 
 
 def predict_rest(url, signature, inputs, row_format=True, timeout=30):
@@ -117,19 +111,19 @@ def predict_rest(url, signature, inputs, row_format=True, timeout=30):
         ) from error
     except urllib.error.URLError as error:
         raise ServingUnavailable(
-            f"cannot reach TF Serving at {url}: {_one_line(error.reason)}"
+            f"cannot reach TF Serving at {url}: {one_line(error.reason, 200)}"
         ) from error
     except TimeoutError as error:
         raise ServingUnavailable(f"no reply from {url} within {timeout} s") from error
     except (ConnectionError, http.client.HTTPException) as error:
         # The connection was made but broke before a whole reply came back.
         raise ServingUnavailable(
-            f"no complete reply from {url}: {_one_line(repr(error))}"
+            f"no complete reply from {url}: {one_line(repr(error), 200)}"
         ) from error
     try:
         body = json.loads(reply)
     except ValueError:
-        excerpt = _one_line(reply.decode("utf-8", "replace"))
+        excerpt = one_line(reply.decode("utf-8", "replace"), 200)
         raise ValueError(f"the reply from {url} is not JSON: {excerpt!r}") from None
     try:
         return parse_rest_response(body)
@@ -179,7 +173,7 @@ def predict_grpc(channel, model_name, signature, inputs, version=None, timeout=3
         message = (
             f"TF Serving failed Predict for model "
             f"{model_name!r}, signature {signature!r}: {status}: "
-            f"{_one_line(details or 'no details')}"
+            f"{one_line(details or 'no details', 200)}"
         )
         unavailable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         raise (ServingUnavailable if code in unavailable else ValueError)(message) from error

@@ -46,6 +46,9 @@ def test_config_file_with_flag_overrides(tmp_path):
         ({"learning_rate": "inf"}, "'learning_rate' must be finite and > 0"),
         ({"kl_warmup_steps": -1}, "'kl_warmup_steps' must be >= 0"),
         ({"beta": "nan"}, "'beta' must be finite and >= 0"),
+        ({"seed": None}, "'seed' must be an integer for a run"),
+        ({"seed": -1}, "'seed' must be None or an integer in \\[0, 2\\*\\*32\\)"),
+        ({"data": "npz:"}, "'data' must be one of"),
         # Values of another type are refused, not coerced.
         ({"epochs": True}, "'epochs' must be of type int; got True"),
         ({"epochs": 2.5}, "'epochs' must be of type int; got 2.5"),

@@ -31,7 +31,7 @@ def test_tfds_failed_download_says_so(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
     with pytest.raises(RuntimeError, match=r"Could not load TFDS data set 'mnist'.*resolve"):
-        data.load("tfds:mnist", data_dir=str(tmp_path))
+        data.load("tfds:mnist", data_dir=str(tmp_path), download=True)
 
 
 def test_npz_source_scales_and_adds_channels(tmp_path):
@@ -42,6 +42,17 @@ def test_npz_source_scales_and_adds_channels(tmp_path):
     loaded = data.load(f"npz:{tmp_path / 'd.npz'}")
     np.testing.assert_array_equal(loaded.x_train[..., 0], x_train / np.float32(255))
     assert loaded.y_train is None and list(loaded.y_test) == [0, 1, 2]
+
+
+def test_integer_pixels_scale_by_their_depth_or_are_refused():
+    sixteen = np.array([[[0, 32896, 65535]]], np.uint16)
+    np.testing.assert_allclose(
+        data.to_unit_interval(sixteen)[..., 0], [[[0.0, 0.50196, 1.0]]], atol=1e-5
+    )
+    eight = np.array([[[0, 128, 255]]], np.int64)
+    np.testing.assert_allclose(data.to_unit_interval(eight)[..., 0], [[[0.0, 128 / 255, 1.0]]])
+    with pytest.raises(ValueError, match=r"integer pixels must be 0..255 .*got int32 values in"):
+        data.to_unit_interval(np.array([[[0, 300]]], np.int32))
 
 
 def test_npz_errors_name_the_problem(tmp_path):
@@ -411,9 +422,9 @@ TEST_SET_CASES = {
         lambda p: _saved_test_set(p, x=np.zeros((20, 3, 3, 1))),
         r"x is float64 of shape \(20, 3, 3, 1\)",
     ),
-    "x of rank 2": (
-        lambda p: _saved_test_set(p, x=np.zeros((20, 9), np.float32)),
-        r"x is float32 of shape \(20, 9\)",
+    "x of rank 1": (
+        lambda p: _saved_test_set(p, x=np.zeros(20, np.float32)),
+        r"x is float32 of shape \(20,\)",
     ),
     "y of another length": (
         lambda p: _saved_test_set(p, y=np.arange(19)),

@@ -158,6 +158,13 @@ def test_k_samples_share_the_x_terms(made, rng):
     np.testing.assert_allclose(together, apart, rtol=1e-6)
 
 
+def test_sample_takes_an_int_or_a_stateless_seed_pair(made):
+    np.testing.assert_array_equal(made.sample(2, seed=3), made.sample(2, seed=3))
+    pair = made.sample(2, seed=(3, 4))
+    np.testing.assert_array_equal(pair, made.sample(2, seed=(3, 4)))
+    assert pair.shape == (2,) + SHAPE and np.abs(pair - made.sample(2, seed=3)).max() > 0
+
+
 def test_drawn_images_follow_their_own_conditionals(made, rng):
     z = rng.normal(size=(8, 3)).astype("float32")
     noise = rng.random((8,) + SHAPE).astype("float32")

@@ -256,7 +256,7 @@ def test_bad_data_is_refused_before_training_even_with_xla(tmp_path, capsys):
         == 2
     )
     assert "the data contains NaN or inf" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "history.csv").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_mismatched_or_empty_data_is_refused_before_training(tmp_path, capsys):
@@ -317,6 +317,9 @@ def test_flat_data_trains_plots_and_samples(tmp_path, capsys):
         == 0
     )
     assert np.load(tmp_path / "s.npy").shape == (3, 20)
+    # The run's own saved test set of flat data is scored.
+    assert main(["evaluate", str(tmp_path / "run"), "--k", "2"]) == 0
+    assert '"num_examples": 16' in capsys.readouterr().out
     assert main(["sample", str(tmp_path / "run"), "--output", str(tmp_path / "s.png")]) == 2
     assert "cannot draw data of shape (20,) as images" in capsys.readouterr().err
 
