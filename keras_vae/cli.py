@@ -247,23 +247,16 @@ def main(argv=None):
         # that is a file where a folder is expected (or the reverse) is an OSError.
         if args.debug:
             raise
-        print(
-            f"keras-vae: error: {(files.one_line(error) or type(error).__name__)}", file=sys.stderr
-        )
-        return 2
-    except MemoryError:
-        if args.debug:
-            raise
-        print(
-            "keras-vae: error: out of memory; make the model or the batch smaller", file=sys.stderr
-        )
+        print(f"keras-vae: error: {files.one_line(error) or type(error).__name__}", file=sys.stderr)
         return 2
     except Exception as error:
         if args.debug:
             raise
-        if type(error).__name__ == "ResourceExhaustedError":  # TensorFlow's out of memory
+        # MemoryError, or TensorFlow's ResourceExhaustedError: a model or batch too large.
+        if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":
+            reason = files.one_line(error, 200)
             print(
-                f"keras-vae: error: out of memory ({files.one_line(error, 200)}); make the "
+                f"keras-vae: error: out of memory{f' ({reason})' if reason else ''}; make the "
                 f"model or the batch smaller",
                 file=sys.stderr,
             )
@@ -273,8 +266,9 @@ def main(argv=None):
         ) as f:
             traceback.print_exc(file=f)
         print(
-            f"keras-vae: unexpected error: {type(error).__name__}: {(files.one_line(error) or type(error).__name__)}; the "
-            f"traceback is in {f.name} (--debug prints it)",
+            f"keras-vae: unexpected error: {type(error).__name__}: "
+            f"{files.one_line(error) or type(error).__name__}; "
+            f"the traceback is in {f.name} (--debug prints it)",
             file=sys.stderr,
         )
         return 1

@@ -27,20 +27,21 @@ def train(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     fitted = fitting.fit(config, run_dir, resume, callbacks, verbose)
     if not fitted.chief:
         return RunResult(fitted.model, fitted.run_dir, {}, None)
-    previous = _previous_export(config, fitted.run_dir)
-    if not fitted.trained and previous is not None:
-        metrics = json.loads((fitted.run_dir / "metrics.json").read_text())
-        return RunResult(fitted.model, fitted.run_dir, metrics, previous, exported=False)
+    previous = None if fitted.trained else _previous_report(config, fitted.run_dir)
+    if previous is not None:
+        metrics, export_path = previous
+        return RunResult(fitted.model, fitted.run_dir, metrics, export_path, exported=False)
     model, metrics, export_path = report.finish(config, fitted)
     return RunResult(model, fitted.run_dir, metrics, export_path)
 
 
-def _previous_export(config, run_dir):
-    """The SavedModel that the run already exported where ``config`` exports, or None."""
+def _previous_report(config, run_dir):
+    """(metrics, SavedModel path) that the run already wrote, where ``config`` exports; None
+    if it has none there."""
     try:
         path = Path(json.loads((run_dir / "export.json").read_text())["saved_model"])
-        json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
     target = (Path(config.output.export_dir) / config.output.export_name).resolve()
-    return path if path.parent == target and path.is_dir() else None
+    return (metrics, path) if path.parent == target and path.is_dir() else None

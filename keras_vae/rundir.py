@@ -265,11 +265,10 @@ def starting_point(run_dir, config, resume):
     else:
         resumed_from, state = None, start
     done = state["epochs_completed"]
-    if resumed_from and state["model"] != saved.to_dict()["model"]:
+    described = saved.to_dict()["model"]
+    if resumed_from and state["model"] != described:
         changed = sorted(
-            key
-            for key, value in state["model"].items()
-            if saved.to_dict()["model"].get(key) != value
+            key for key, value in state["model"].items() if described.get(key) != value
         )
         raise ValueError(
             f"cannot resume {run_dir}: its checkpoint {last} holds another model "
