@@ -69,9 +69,21 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
     """The model's settings: the network family (``NetworkConfig``), the likelihood, prior
     and posterior (``DistributionsConfig``) and the objective (``VAEConfig``)."""
 
+    conditional: bool = setting(
+        False,
+        "condition q(z|x, y) and p(x|z, y) on the data set's labels y: integer classes "
+        "(num_classes read from the labels unless set) or real vectors (condition_dim "
+        "likewise)",
+    )
+
     def rules(self):
         return (
             [
+                (
+                    "conditional",
+                    self.conditional or not (self.num_classes or self.condition_dim),
+                    "must be true where num_classes or condition_dim is set",
+                ),
                 (
                     "seed",
                     self.seed is not None,

@@ -3,7 +3,8 @@
 Sources (the ``data`` config key):
 - ``digits``: scikit-learn's bundled 8×8 digits (offline), a fixed 1437/360 split.
 - ``tfds:NAME[:TRAIN_SPLIT[:TEST_SPLIT]]``: any TFDS image data set through ``tfds.load``.
-- ``npz:PATH``: Keras layout, ``x_train`` and ``x_test`` (``y_train``/``y_test`` optional).
+- ``npz:PATH``: Keras layout, ``x_train`` and ``x_test`` (``y_train``/``y_test`` optional:
+  one label per example, a class [N] or a vector [N, C]).
 - ``images:DIR``: a folder of images (sub-folders as labels), a fixed 90/10 split.
 """
 
@@ -191,10 +192,10 @@ def _npz(path):
                 f"per row, [N, ...]"
             )
         y = arrays.get(f"y_{split}")
-        if y is not None and y.shape != (len(x),):
+        if y is not None and not labels_fit(y, len(x)):
             raise ValueError(
                 f"npz data file {path}: y_{split} has shape {y.shape}; expected one label "
-                f"per example of x_{split}, shape ({len(x)},)"
+                f"per example of x_{split}, shape ({len(x)},) or ({len(x)}, C)"
             )
     return Data(
         to_unit_interval(x_train),
@@ -202,6 +203,11 @@ def _npz(path):
         arrays.get("y_train"),
         arrays.get("y_test"),
     )
+
+
+def labels_fit(y, n):
+    """Whether y holds one label per example of n: classes [n] or vectors [n, C]."""
+    return y.ndim in (1, 2) and len(y) == n
 
 
 def _check_numeric(array, what):
@@ -323,8 +329,8 @@ def load_test_set(path):
         problem = f"it lacks the x array, it has {names}"
     elif x.dtype != np.float32 or x.ndim < 2 or len(x) == 0:
         problem = f"x is {x.dtype} of shape {x.shape}, not float32 [N, ...] with N > 0"
-    elif y is not None and y.shape != (len(x),):
-        problem = f"y has shape {y.shape}, not one label per example ({len(x)},)"
+    elif y is not None and not labels_fit(y, len(x)):
+        problem = f"y has shape {y.shape}, not one label per example ({len(x)},) or ({len(x)}, C)"
     else:
         return x, y
     raise ValueError(f"the run's test set {path} is damaged: {problem}; {advice}")
@@ -334,16 +340,22 @@ def steps_per_epoch(num_examples, batch_size):
     return math.ceil(num_examples / batch_size)
 
 
-def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
-    """Batches for epochs ``initial_epoch..epochs-1`` as one stream.
+def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs, y=None):
+    """Batches for epochs ``initial_epoch..epochs-1`` as one stream (of (x, y) pairs when
+    labels y are given).
 
     Epoch e is shuffled (and, with ``binarize``, binarized afresh: x_bin ~ Bernoulli(x)) by
     stateless ops seeded with (seed, e), so a run resumed at epoch e sees exactly the batches
     the uninterrupted run would have seen.
     """
     x = tf.constant(x)
+    y = None if y is None else tf.constant(y)
     n = int(x.shape[0])
     steps = steps_per_epoch(n, batch_size)
+
+    def batch(step, idx, epoch):
+        x_batch = _gather(x, idx, binarize, seed, epoch * steps + step)
+        return x_batch if y is None else (x_batch, tf.gather(y, idx))
 
     def epoch_batches(epoch):
         order = tf.random.experimental.stateless_shuffle(
@@ -351,7 +363,7 @@ def training_dataset(x, batch_size, seed, binarize, initial_epoch, epochs):
         )
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
         return batches.enumerate().map(
-            lambda step, idx: _gather(x, idx, binarize, seed, epoch * steps + step),
+            lambda step, idx: batch(step, idx, epoch),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
@@ -381,7 +393,7 @@ def _gather(x, idx, binarize, seed, step):
     return batch
 
 
-def evaluation_dataset(x, batch_size):
-    return _with_options(
-        tf.data.Dataset.from_tensor_slices(x).batch(batch_size).cache().prefetch(tf.data.AUTOTUNE)
-    )
+def evaluation_dataset(x, batch_size, y=None):
+    """Batches of x (of (x, y) pairs when labels y are given), in order."""
+    slices = tf.data.Dataset.from_tensor_slices(x if y is None else (x, y))
+    return _with_options(slices.batch(batch_size).cache().prefetch(tf.data.AUTOTUNE))

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_vae import data as datasets
-from keras_vae import likelihoods, networks
+from keras_vae import networks, registry
 from keras_vae.model import VAE
 from keras_vae.model_config import DistributionsConfig, NetworkConfig, VAEConfig
 from keras_vae.optimizers import FusedAdam
@@ -54,16 +54,46 @@ def evaluation_copy(config, x):
     return datasets.binarize_once(x) if resolve_binarize(config) else x
 
 
+def with_condition(config, data):
+    """``config`` (a ``RunConfig``) with, for a conditional model, the size of its
+    labels read from ``data`` where not set: num_classes = 1 + the largest class of
+    integer labels [N], condition_dim = C of real vectors [N, C]. Raises ValueError if a
+    conditional model's data have no labels."""
+    model = config.model
+    if not model.conditional or model.num_classes or model.condition_dim:
+        return config
+    if data.y_train is None or data.y_test is None:
+        raise ValueError(
+            f"a conditional model needs labels, and data {config.data.data!r} has none "
+            f"(npz: y_train and y_test; images: sub-folders)"
+        )
+    y = np.concatenate([data.y_train, data.y_test])
+    if y.ndim == 2:
+        settings = {"condition_dim": int(y.shape[1])}
+    elif np.issubdtype(y.dtype, np.integer) and len(y) and y.min() >= 0:
+        settings = {"num_classes": int(y.max()) + 1}
+    else:
+        raise ValueError(
+            f"labels of data {config.data.data!r} are neither classes (integers >= 0, one "
+            f"per example) nor vectors [N, C]; got {y.dtype} of shape {y.shape}"
+        )
+    return dataclasses.replace(config, model=dataclasses.replace(model, **settings))
+
+
 def build_model(config, data_shape, dtype="float32"):
     """The VAE of ``config`` (a ``ModelConfig``) for data of ``data_shape``: the named
     network family, likelihood, prior and posterior, the networks in the dtype policy
     ``dtype``."""
-    likelihood = likelihoods.from_config(config.part(DistributionsConfig))
+    distributions = config.part(DistributionsConfig)
+    # The named pieces, each made with the settings its constructor names.
+    settings = {**dataclasses.asdict(distributions), "seed": config.seed}
+    likelihood = registry.make("likelihood", distributions.likelihood, settings)
     network = config.part(NetworkConfig)
     encoder, decoder = networks.build(
         network.architecture,
         data_shape,
-        config.latent_dim,
+        # A conditional decoder reads c(y) beside z.
+        config.latent_dim + (config.num_classes or config.condition_dim),
         likelihood,
         dtype=dtype,
         seed=config.seed,
@@ -74,8 +104,8 @@ def build_model(config, data_shape, dtype="float32"):
         decoder,
         data_shape,
         likelihood=likelihood,
-        prior=config.prior,
-        posterior=config.posterior,
+        prior=registry.make("prior", distributions.prior, settings),
+        posterior=registry.make("posterior", distributions.posterior, settings, dtype=dtype),
         config=config.part(VAEConfig),
         dtype=dtype,
     )
@@ -166,7 +196,14 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     keras.utils.set_random_seed(seed)
     strategy = make_strategy(training.strategy)
     data = datasets.load(config.data.data, config.data.data_dir, config.data.download)
+    config = with_condition(config, data)
     x_train, x_val = split_validation(data.x_train, config.data.validation_fraction)
+    # Labels travel with the batches only to a model that reads them.
+    y_train, y_val = (
+        split_validation(data.y_train, config.data.validation_fraction)
+        if config.model.conditional
+        else (None, None)
+    )
     if not len(x_train) or not len(data.x_test):
         raise ValueError(
             f"data {config.data.data!r} leaves {len(x_train)} training and "
@@ -193,6 +230,9 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     # checks in the model are dropped when the step is XLA-compiled.
     model.check_data(data.x_train)
     model.check_data(data.x_test)
+    if model.conditional:
+        model.check_labels(data.y_train)
+        model.check_labels(data.y_test)
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     initial_epoch = state["epochs_completed"]
@@ -209,12 +249,12 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     validation = None
     if len(x_val):
         validation = datasets.evaluation_dataset(
-            evaluation_copy(config, x_val), training.batch_size
+            evaluation_copy(config, x_val), training.batch_size, y_val
         )
     trained = initial_epoch < training.epochs and not (patience and wait >= patience)
     if trained:
         train_ds = datasets.training_dataset(
-            x_train, training.batch_size, seed, binarize, initial_epoch, training.epochs
+            x_train, training.batch_size, seed, binarize, initial_epoch, training.epochs, y_train
         )
         all_callbacks = [
             # First, so that the other callbacks log the epoch's learning rate.

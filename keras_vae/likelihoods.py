@@ -12,8 +12,6 @@ every data element and gives nats per example.
   (``learn_sigma="none"``), or learned as one shared value or one per data element.
 """
 
-import dataclasses
-import inspect
 import math
 
 import keras
@@ -22,7 +20,6 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
 
-from keras_vae import registry
 from keras_vae.model_config import DistributionsConfig
 from keras_vae.settings import validate
 
@@ -177,12 +174,3 @@ class GaussianLikelihood(Likelihood):
     def get_config(self):
         return {**super().get_config(), "sigma": self.sigma, "learn_sigma": self.learn_sigma}
 
-
-def from_config(config):
-    """The likelihood layer that a ``DistributionsConfig`` names, made with the settings of
-    that config which its constructor takes (the Gaussian's ``sigma`` and ``learn_sigma``)."""
-    cls = registry.load("likelihood", config.likelihood)
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(
-        **{key: value for key, value in dataclasses.asdict(config).items() if key in accepted}
-    )

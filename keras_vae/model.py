@@ -67,22 +67,24 @@ class VAE(keras.Model):
         self.latent_dim = self.config.latent_dim
         self.encoder = encoder
         self.decoder = decoder
-        self.likelihood = _piece("likelihood", likelihood)
-        self.prior = _piece("prior", prior)
-        self.posterior = _piece(
-            "posterior", posterior, seed=self.config.seed, dtype=self.dtype_policy
-        )
+        self.likelihood = _piece("likelihood", likelihood, self.config.seed)
+        self.prior = _piece("prior", prior, self.config.seed)
+        self.posterior = _piece("posterior", posterior, self.config.seed, dtype=self.dtype_policy)
         self.prior_samples = SeedStream(self.config.seed, name="prior_samples")
         if self.autoregressive and not isinstance(self.likelihood, BernoulliLikelihood):
             raise ValueError(
                 f"an autoregressive decoder draws binary data: it needs likelihood="
                 f"'bernoulli', got {self.likelihood.name!r}."
             )
-        if self.config.kl == "analytic" and not (
-            self.prior.analytic_kl and self.posterior.analytic_kl
-        ):
+        if self.config.gradient_estimator == "dreg" and not self.posterior.params_complete:
             raise ValueError(
-                f"KL({self.posterior.name} ‖ {self.prior.name}) has no closed form: use kl='mc'."
+                f"gradient_estimator 'dreg' stops q's parameters in log q(z|x): "
+                f"{type(self.posterior).__name__} has weights beyond its parameters."
+            )
+        if self.config.kl == "analytic" and not self.has_analytic_kl:
+            raise ValueError(
+                f"KL({type(self.posterior).__name__} ‖ {type(self.prior).__name__}) has no "
+                f"closed form: use kl='auto' or 'mc'."
             )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
@@ -94,29 +96,118 @@ class VAE(keras.Model):
     def build(self, input_shape):
         # Pieces restored by keras.saving.load_model arrive built.
         if not self.posterior.built:
-            self.posterior.build(
-                self.encoder.compute_output_shape(tuple(input_shape)), self.latent_dim
-            )
+            features = self.encoder.compute_output_shape(tuple(input_shape))
+            # A conditional posterior reads the features and c(y), side by side.
+            features = (*features[:-1], features[-1] + self.condition_dim)
+            self.posterior.build(features, self.latent_dim)
         if not self.prior.built:
-            self.prior.build((self.latent_dim,))
+            self.prior.build((self.latent_dim,), self.data_shape)
         if not self.likelihood.built:
             self.likelihood.build(self.data_shape)
         if self.autoregressive:
             if not self.decoder.built:
                 self.decoder.build()
         else:
+            width = self.latent_dim + self.condition_dim
             try:
-                shape = self.decoder.compute_output_shape((None, self.latent_dim))
+                shape = self.decoder.compute_output_shape((None, width))
             except ValueError as error:
                 raise ValueError(
-                    f"the decoder does not take z of shape (batch, {self.latent_dim}): {error}"
+                    f"the decoder does not take inputs of shape (batch, {width}) (z, "
+                    f"then c(y) for a conditional model): {error}"
                 ) from None
             if tuple(shape[1:]) != self.data_shape:
                 raise ValueError(
-                    f"the decoder maps z of shape (batch, {self.latent_dim}) to shape "
+                    f"the decoder maps inputs of shape (batch, {width}) to shape "
                     f"{tuple(shape)}; the likelihood needs (batch,) + {self.data_shape}."
                 )
         self.built = True
+
+    @property
+    def has_analytic_kl(self):
+        """Whether KL(q_φ(z|x) ‖ p(z)) has a closed form for this prior and posterior."""
+        return self.prior.analytic_kl and self.posterior.analytic_kl
+
+    @property
+    def analytic_kl(self):
+        """Whether the KL term is the closed form (else the Monte Carlo estimate)."""
+        return self.config.kl != "mc" and self.has_analytic_kl
+
+    @property
+    def conditional(self):
+        """Whether q, p and the networks read labels y."""
+        return self.condition_dim > 0
+
+    @property
+    def condition_dim(self):
+        """C, the size of c(y): the one-hot of a class, or the conditioning vector itself."""
+        return self.config.num_classes or self.config.condition_dim
+
+    def condition(self, y, batch_size=None):
+        """c(y) as float32 [batch, C]: the one-hot of integer classes y [batch] in
+        [0, num_classes), or real vectors y [batch, condition_dim] as they are; None for an
+        unconditional model (which ignores y). Shapes are checked; with ``check_inputs``,
+        values are asserted to be whole classes in range, or finite."""
+        if not self.conditional:
+            return None
+        if y is None:
+            raise ValueError(f"{self.name} is conditional: it needs labels y")
+        y = ops.convert_to_tensor(y)
+        classes = self.config.num_classes
+        want = (None,) if classes else (None, self.config.condition_dim)
+        shape = tuple(y.shape)
+        if len(shape) != len(want) or (len(want) == 2 and shape[1] not in (None, want[1])):
+            kind = f"integer classes in [0, {classes})" if classes else "real vectors"
+            raise ValueError(
+                f"{self.name} expects labels y of shape (batch,) + {want[1:]} ({kind}); "
+                f"got shape {shape}."
+            )
+        if batch_size is not None:
+            y = tf.ensure_shape(y, (None,) + tuple(want[1:]))
+            same = tf.debugging.assert_equal(
+                tf.shape(y)[0], tf.cast(batch_size, tf.int32), message="keras_vae: x and y "
+                "have different batch sizes"
+            )
+            with tf.control_dependencies([same]):
+                y = tf.identity(y)
+        if not classes:
+            c = ops.cast(y, "float32")
+            if self.config.check_inputs:
+                c = _asserted_finite(c, "keras_vae: labels y contain NaN or inf")
+            return c
+        if self.config.check_inputs:
+            y_float = ops.cast(y, "float32")
+            whole = tf.reduce_all(
+                (y_float >= 0) & (y_float < classes) & (y_float == tf.round(y_float))
+            )
+            message = f"keras_vae: labels y must be whole classes in [0, {classes})"
+            with tf.control_dependencies([tf.debugging.Assert(whole, [message])]):
+                y = tf.identity(y)
+        return ops.one_hot(ops.cast(y, "int32"), classes, dtype="float32")
+
+    def check_labels(self, y):
+        """Raises ValueError naming the problem unless the array y (e.g. a data set's labels)
+        is what this conditional model reads: whole classes in [0, num_classes), or finite
+        vectors of size condition_dim."""
+        y = np.asarray(y)
+        classes = self.config.num_classes
+        if classes:
+            if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.number)):
+                raise ValueError(f"labels must be one class per example; got shape {y.shape}")
+            bad = ~((y >= 0) & (y < classes) & (y == np.round(y)))
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"labels must be whole classes in [0, {classes}); label {first} is {y[first]}"
+                )
+        else:
+            if y.ndim != 2 or y.shape[1] != self.config.condition_dim:
+                raise ValueError(
+                    f"labels must be vectors of size {self.config.condition_dim}; got shape "
+                    f"{y.shape}"
+                )
+            if not np.isfinite(y.astype("float64")).all():
+                raise ValueError("labels contain NaN or inf")
 
     @property
     def autoregressive(self):
@@ -151,17 +242,26 @@ class VAE(keras.Model):
         ]
 
     # ------------------------------------------------------------------ distributions
-    def encode_params(self, x, training=False):
-        """The posterior's parameters for x: a dict of float32 tensors [batch, …]
-        (``z_mean`` μ_φ(x) and ``z_log_var`` log σ²_φ(x) for the diagonal Gaussian)."""
+    def encode_params(self, x, training=False, y=None, c=None):
+        """The posterior's parameters for x (and labels y, or their c(y)): a dict of float32
+        tensors [batch, …] (``z_mean`` μ_φ(x) and ``z_log_var`` log σ²_φ(x) for the
+        diagonal Gaussian)."""
         self._check_shape(x)
-        return self.posterior(self.encoder(x, training=training))
+        features = self.encoder(x, training=training)
+        if c is None:
+            c = self.condition(y, ops.shape(x)[0])
+        if c is not None:
+            features = ops.concatenate([features, ops.cast(c, features.dtype)], axis=-1)
+        return self.posterior(features)
 
-    def encode(self, x, training=False):
-        """q_φ(z|x) as a TFP distribution with batch shape [batch]."""
-        return self.posterior.distribution(self.encode_params(self.validated(x), training))
+    def encode(self, x, training=False, y=None):
+        """q_φ(z|x) (q_φ(z|x, y) for a conditional model) as a TFP distribution with batch
+        shape [batch]."""
+        return self.posterior.distribution(
+            self.encode_params(self.validated(x), training, y=y)
+        )
 
-    def decode(self, z, x=None, noise=None, training=False):
+    def decode(self, z, x=None, noise=None, training=False, y=None):
         """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``.
 
         An autoregressive decoder's factor of x_d is p(x_d | x_<d, z), so it needs the
@@ -171,15 +271,20 @@ class VAE(keras.Model):
         x_d = 1[u_d < p_d] for uniform ``noise`` u ([n, *data_shape]): a sample
         x ~ p_θ(x|z), or with ``noise=None`` the greedy path x_d = 1[p_d > ½]; the
         distribution returned has the factors along that path (D + 1 decoder passes in
-        all). A factorized decoder ignores ``x`` and ``noise``.
+        all). A factorized decoder ignores ``x`` and ``noise``. A conditional model's
+        decoder reads labels y ([batch]: p_θ(x|z, y)) beside z.
         """
         z = ops.convert_to_tensor(z, "float32")
         if self.config.check_inputs:
             z = _asserted_finite(z, "keras_vae: z contains NaN or inf")
-        return self._decode(z, x, noise, training)
+        return self._decode(z, x, noise, training, self.condition(y, ops.shape(z)[-2]))
 
-    def _decode(self, z, x=None, noise=None, training=False):
-        """``decode`` of the model's own z (drawn or encoded, never NaN unless x overflows)."""
+    def _decode(self, z, x=None, noise=None, training=False, c=None):
+        """``decode`` of the model's own z (drawn or encoded, never NaN unless x overflows),
+        conditioned on c(y) [batch, C] where the model is conditional."""
+        if c is not None:
+            c = ops.broadcast_to(c, (*ops.shape(z)[:-1], self.condition_dim))
+            z = ops.concatenate([z, c], axis=-1)
         if self.autoregressive:
             if x is None:
                 x = self.decoder.draw(z, noise)
@@ -187,8 +292,8 @@ class VAE(keras.Model):
                 self.decoder(z, ops.convert_to_tensor(x, "float32"), training=training)
             )
         leading = ops.shape(z)[:-1]
-        # The networks take [n, d]; K samples per example arrive as [K, batch, d].
-        params = self.decoder(ops.reshape(z, (-1, self.latent_dim)), training=training)
+        # The networks take [n, d + C]; K samples per example arrive as [K, batch, d + C].
+        params = self.decoder(ops.reshape(z, (-1, ops.shape(z)[-1])), training=training)
         params = ops.reshape(params, tuple(leading) + self.data_shape)
         return self.likelihood.distribution(params)
 
@@ -202,20 +307,22 @@ class VAE(keras.Model):
         return beta * ops.minimum(1.0, step / warmup)
 
     def log_weights(
-        self, x, num_samples=1, training=False, seed=None, epsilon=None, densities=True
+        self, x, num_samples=1, training=False, seed=None, epsilon=None, densities=True, y=None
     ):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
         log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch] (None where
-        the prior and posterior have none).
+        the prior and posterior have none). A conditional model conditions each on labels y.
 
         ``epsilon`` ([K, batch or 1, d]) fixes the posterior's base noise of the z_k. With
         ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None).
         """
-        return self._sample_log_weights(x, num_samples, training, seed, epsilon, densities)[1:]
+        draws = self._draws(x, y, num_samples, training, seed, epsilon, densities)
+        return draws["log_px_z"], draws["log_pz"], draws["log_qz"], draws["kl"]
 
-    def _sample_log_weights(
+    def _draws(
         self,
         x,
+        y,
         num_samples,
         training,
         seed=None,
@@ -223,33 +330,71 @@ class VAE(keras.Model):
         densities=True,
         stop_posterior=False,
     ):
-        """``log_weights`` preceded by the samples z [K, batch, d]; with ``stop_posterior``,
-        log q(z_k|x) is differentiable in z_k only, not in q's parameters."""
+        """``log_weights``'s terms by name, with the posterior's ``params`` and the samples
+        ``z`` [K, batch, d]; with ``stop_posterior``, log q(z_k|x) is differentiable in z_k
+        only, not in q's parameters."""
         x = self.validated(x)
-        params = self.encode_params(x, training=training)
-        posterior = self.posterior.distribution(params)
-        prior = self.prior.distribution()
-        z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
-        log_px_z = self._decode(z, x, training=training).log_prob(x)
-        kl = None
-        if self.prior.analytic_kl and self.posterior.analytic_kl:
-            kl = tf.convert_to_tensor(posterior.kl_divergence(prior))
-        if not densities:
-            return z, log_px_z, None, None, kl
-        if stop_posterior:
-            posterior = self.posterior.distribution(
-                {key: ops.stop_gradient(value) for key, value in params.items()}
+        c = self.condition(y, ops.shape(x)[0])
+        params = self.encode_params(x, training=training, c=c)
+        draws = {"params": params, "kl": None, "log_pz": None, "log_qz": None}
+        if self.has_analytic_kl:
+            prior = self.prior.distribution(self._posterior_at)
+            draws["kl"] = tf.convert_to_tensor(
+                self.posterior.distribution(params).kl_divergence(prior)
             )
-        return z, log_px_z, prior.log_prob(z), posterior.log_prob(z), kl
+        if not densities:
+            z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
+        elif stop_posterior:
+            z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
+            stopped = {key: ops.stop_gradient(value) for key, value in params.items()}
+            draws["log_qz"] = self.posterior.distribution(stopped).log_prob(z)
+        else:
+            z, draws["log_qz"] = self.posterior.sample_and_log_prob(
+                params, num_samples, seed=seed, epsilon=epsilon
+            )
+        if densities:
+            draws["log_pz"] = self.prior.distribution(self._posterior_at).log_prob(z)
+        draws["z"] = z
+        draws["log_px_z"] = self._decode(z, x, training=training, c=c).log_prob(x)
+        return draws
 
-    def _kl_estimate(self, log_pz, log_qz, kl_analytic):
-        if self.config.kl == "analytic":
-            return kl_analytic
-        return ops.mean(log_qz - log_pz, axis=0)
+    def _posterior_at(self, x):
+        """q_φ(z|x) for inputs x [n, *data_shape]: what a prior built from the posterior
+        (the VampPrior) reads."""
+        if self.conditional:
+            raise ValueError(
+                f"{type(self.prior).__name__} is built from the posterior q_φ(z|x), which a "
+                f"conditional model does not have without labels: use another prior."
+            )
+        return self.posterior.distribution(self.posterior(self.encoder(x)))
 
-    def compute_terms(self, x, training=False, beta=None, seed=None):
+    def _kl_term(self, draws):
+        """KL(q_φ(z|x) ‖ p(z)) per example: the closed form if used, else the mean over
+        the draws of log q_φ(z_k|x) − log p(z_k)."""
+        if self.analytic_kl:
+            return draws["kl"]
+        return ops.mean(draws["log_qz"] - draws["log_pz"], axis=0)
+
+    def free_bits_kl(self, draws, kl):
+        """The KL term of the training loss under free bits (Kingma et al., 2016) with
+        λ = ``free_bits``, per example, whose mean over the batch is Σ_j max(λ, K̄_j): K̄_j
+        the batch mean of KL(q(z_j|x) ‖ p(z_j)) per latent dimension j, where q and p
+        factorize over j, else one group, the whole z, with max(λ·d, K̄). A group below
+        its floor adds the constant floor and no gradient."""
+        floor = self.config.free_bits
+        q = self.posterior.marginals(draws["params"])
+        p = self.prior.marginals()
+        if q is not None and p is not None:
+            kl_groups = tf.convert_to_tensor(q.kl_divergence(p))  # [batch, d]
+        else:
+            kl_groups, floor = kl[:, None], floor * self.latent_dim
+        used = ops.stop_gradient(ops.mean(kl_groups, axis=0)) >= floor
+        return ops.sum(ops.where(used, kl_groups, floor), axis=-1)
+
+    def compute_terms(self, x, training=False, beta=None, seed=None, y=None):
         """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``,
-        with the model's K samples, KL estimator, objective and β (default: current β).
+        with the model's K samples, KL estimator, objective, free bits and β (default:
+        current β). ``kl_loss`` and ``elbo`` are the true ones, free bits or not.
 
         With ``gradient_estimator="dreg"`` and ``training``, log q_φ(z|x) in ``loss`` is
         stopped in q's parameters: its value is the IWAE loss, but its gradient is DReG's
@@ -257,20 +402,23 @@ class VAE(keras.Model):
         config = self.config
         beta = self.current_beta() if beta is None else beta
         dreg = training and config.gradient_estimator == "dreg"
-        z, log_px_z, log_pz, log_qz, kl_analytic = self._sample_log_weights(
+        draws = self._draws(
             x,
+            y,
             config.num_samples,
             training,
             seed,
-            densities=config.kl == "mc" or config.objective == "iwae",
+            densities=not self.analytic_kl or config.objective == "iwae",
             stop_posterior=dreg,
         )
+        log_px_z = draws["log_px_z"]
         reconstruction_loss = -ops.mean(log_px_z, axis=0)
-        kl_loss = self._kl_estimate(log_pz, log_qz, kl_analytic)
+        kl_loss = self._kl_term(draws)
         if config.objective == "elbo":
-            loss = reconstruction_loss + beta * kl_loss
+            kl_objective = kl_loss if config.free_bits == 0 else self.free_bits_kl(draws, kl_loss)
+            loss = reconstruction_loss + beta * kl_objective
         else:
-            log_w = log_px_z + beta * (log_pz - log_qz)
+            log_w = log_px_z + beta * (draws["log_pz"] - draws["log_qz"])
             loss = -log_mean_exp(log_w)
         terms = {
             "loss": loss,
@@ -279,29 +427,32 @@ class VAE(keras.Model):
             "elbo": -reconstruction_loss - kl_loss,
         }
         if dreg:  # what train_step needs to reweight the gradient that reaches z
-            terms.update(z=z, log_w=log_w, beta=beta)
+            terms.update(z=draws["z"], log_w=log_w, beta=beta)
         return terms
 
     # ------------------------------------------------------------------ Keras hooks
-    def call(self, x, training=False):
+    def call(self, inputs, training=False):
         """The reconstruction E[x | z = the posterior's mean] (probabilities for
-        Bernoulli); for an autoregressive decoder, each element's E[x_d | x_<d, z]."""
+        Bernoulli) of inputs x, or (x, y) for a conditional model; for an autoregressive
+        decoder, each element's E[x_d | x_<d, z]."""
+        x, y = _unpacked(inputs)
         x = self.validated(x)
-        params = self.encode_params(x, training=training)
-        return self._decode(self.posterior.mean(params), x, training=training).mean()
+        c = self.condition(y, ops.shape(x)[0])
+        params = self.encode_params(x, training=training, c=c)
+        return self._decode(self.posterior.mean(params), x, training=training, c=c).mean()
 
     def train_step(self, data):
-        gradients, terms = self.compute_gradients(_features(data))
+        gradients, terms = self.compute_gradients(*_unpacked(data))
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         return self._update_metrics(terms)
 
-    def compute_gradients(self, x):
+    def compute_gradients(self, x, y=None):
         """(gradients, terms): the gradients, one per ``trainable_weights`` in that order, of
-        the training loss, the mean over the global batch of ``compute_terms(x)["loss"]``,
-        scaled as the optimizer's loss scaling asks."""
+        the training loss, the mean over the global batch of ``compute_terms(x, y=y)
+        ["loss"]``, scaled as the optimizer's loss scaling asks."""
         dreg = self.config.gradient_estimator == "dreg"
         with tf.GradientTape(persistent=dreg) as tape:
-            terms = self.compute_terms(x, training=True)
+            terms = self.compute_terms(x, training=True, y=y)
             # Gradients are summed over replicas, so each replica divides its sum by the
             # global batch size: the result is the mean over the global batch, also when
             # the replicas' shares differ.
@@ -342,7 +493,8 @@ class VAE(keras.Model):
         return [by_id[id(v)] for v in self.trainable_weights]
 
     def test_step(self, data):
-        return self._update_metrics(self.compute_terms(_features(data), training=False))
+        x, y = _unpacked(data)
+        return self._update_metrics(self.compute_terms(x, training=False, y=y))
 
     def _update_metrics(self, terms):
         # Per-example values: each metric is the mean over examples, not over batches.
@@ -356,9 +508,9 @@ class VAE(keras.Model):
         return results
 
     # ------------------------------------------------------------------ public API
-    def reconstruct(self, x):
-        """E[x | z = the posterior's mean] for each x."""
-        return self(x)
+    def reconstruct(self, x, y=None):
+        """E[x | z = the posterior's mean] for each x (and its label y, if conditional)."""
+        return self(x if y is None else (x, y))
 
     def sample_prior(self, num_samples, seed=None):
         """z_1..z_n ~ p(z), [n, d]; ``seed`` (an int, or a stateless seed pair) makes the
@@ -367,12 +519,14 @@ class VAE(keras.Model):
             seed = self.prior_samples.next()
         elif isinstance(seed, int):
             seed = (seed, 0)
-        return self.prior.distribution().sample(num_samples, seed=seed)
+        return self.prior.distribution(self._posterior_at).sample(num_samples, seed=seed)
 
-    def sample(self, num_samples, seed=None):
-        """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]. For an autoregressive decoder,
-        E[x_d | x_<d, z] along a draw x ~ p_θ(x|z), whose uniform noise comes from the same
-        seed."""
+    def sample(self, num_samples, seed=None, labels=None):
+        """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]; a conditional model's
+        E[x | z, y] for the ``labels`` y ([n] classes or [n, C] vectors). For an
+        autoregressive decoder, E[x_d | x_<d, z] along a draw x ~ p_θ(x|z), whose uniform
+        noise comes from the same seed."""
+        c = self.condition(labels, num_samples)
         z = self.sample_prior(num_samples, seed)
         noise = None
         if self.autoregressive:
@@ -383,23 +537,23 @@ class VAE(keras.Model):
             else:  # a stateless seed pair: the noise's is derived from it
                 noise_seed = tf.random.experimental.stateless_fold_in(seed, 1)
             noise = tf.random.stateless_uniform((num_samples,) + self.data_shape, seed=noise_seed)
-        return self._decode(z, noise=noise).mean()
+        return self._decode(z, noise=noise, c=c).mean()
 
-    def elbo(self, x, num_samples=1, seed=None):
+    def elbo(self, x, num_samples=1, seed=None, y=None):
         """Per-example ELBO E_q[log p_θ(x|z)] − KL(q_φ(z|x) ‖ p(z)) in nats ([batch]), the
-        expectation estimated with ``num_samples`` draws, the KL by the model's estimator."""
-        return self.score(x, num_samples, seed=seed)["elbo"]
+        expectation estimated with ``num_samples`` draws, the KL by the model's estimator
+        (of log p(x|y) for a conditional model and labels y)."""
+        return self.score(x, num_samples, seed=seed, y=y)["elbo"]
 
-    def score(self, x, num_samples, seed=None, epsilon=None):
+    def score(self, x, num_samples, seed=None, epsilon=None, y=None):
         """Per example, from the same K draws z_k ~ q_φ(z|x): ``elbo`` (as in ``elbo``) and
         ``log_px`` = log (1/K) Σ_k p_θ(x|z_k) p(z_k) / q_φ(z_k|x), the importance-weighted
-        estimate of log p_θ(x) (a lower bound in expectation, tight as K → ∞)."""
-        log_px_z, log_pz, log_qz, kl_analytic = self.log_weights(
-            x, num_samples, seed=seed, epsilon=epsilon
-        )
+        estimate of log p_θ(x) (a lower bound in expectation, tight as K → ∞); for a
+        conditional model, of log p_θ(x|y), each term conditioned on the labels y."""
+        draws = self._draws(x, y, num_samples, training=False, seed=seed, epsilon=epsilon)
         scores = {
-            "elbo": ops.mean(log_px_z, axis=0) - self._kl_estimate(log_pz, log_qz, kl_analytic),
-            "log_px": log_mean_exp(log_px_z + log_pz - log_qz),
+            "elbo": ops.mean(draws["log_px_z"], axis=0) - self._kl_term(draws),
+            "log_px": log_mean_exp(draws["log_px_z"] + draws["log_pz"] - draws["log_qz"]),
         }
         if not self.config.check_inputs:
             return scores
@@ -458,11 +612,11 @@ def _asserted_finite(values, message):
         return tf.identity(values)
 
 
-def _piece(kind, value, **kwargs):
+def _piece(kind, value, seed, **kwargs):
     """A likelihood, prior or posterior: ``value`` itself, or the registered class of that
-    name made with ``kwargs``."""
+    name made with its defaults, ``kwargs`` and, if it takes one, ``seed``."""
     if isinstance(value, str):
-        return registry.load(kind, value)(**kwargs)
+        return registry.make(kind, value, {"seed": seed}, **kwargs)
     return value
 
 
@@ -498,6 +652,9 @@ def _global_batch_size(x):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
 
-def _features(data):
-    """x from a Keras batch: ``x``, ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``."""
-    return data[0] if isinstance(data, (tuple, list)) else data
+def _unpacked(data):
+    """(x, y) from a Keras batch or call input: ``x``, ``(x,)``, ``(x, y)`` or ``(x, y,
+    sample_weight)``; y is None where absent."""
+    if not isinstance(data, (tuple, list)):
+        return data, None
+    return data[0], (data[1] if len(data) > 1 else None)

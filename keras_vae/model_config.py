@@ -43,11 +43,20 @@ class VAEConfig:
         requirement="be >= 0",
     )
     kl: str = setting(
-        "analytic",
-        "the KL estimator: 'analytic' (closed form "
-        "½Σ(σ² + μ² − 1 − log σ²), where the prior has one) or 'mc' (Monte "
-        "Carlo, log q(z|x) − log p(z) on the model's samples)",
-        choices=("analytic", "mc"),
+        "auto",
+        "the KL estimator: 'analytic' (the closed form, e.g. ½Σ(σ² + μ² − 1 − log σ²) for "
+        "the diagonal Gaussian and N(0, I)), 'mc' (Monte Carlo: the mean of log q(z|x) − "
+        "log p(z) over the model's samples) or 'auto' (the closed form where the prior and "
+        "posterior have one, else Monte Carlo)",
+        choices=("auto", "analytic", "mc"),
+    )
+    free_bits: float = setting(
+        0.0,
+        "λ, free bits (nats): the training loss's KL term is Σ_j max(λ, batch mean of "
+        "KL_j), per latent dimension j where q and p factorize, else max(λ·d, KL); the "
+        "reported kl_loss and elbo stay the true ones; 0: off (objective 'elbo' only)",
+        check=finite_nonnegative,
+        requirement="be finite and >= 0",
     )
     objective: str = setting(
         "elbo",
@@ -68,6 +77,20 @@ class VAEConfig:
         "same expectation, typically less variance; objective 'iwae' only)",
         choices=("reparam", "dreg"),
     )
+    num_classes: int = setting(
+        0,
+        "a conditional model on integer labels y ∈ [0, num_classes): q(z|x, y) and "
+        "p(x|z, y) read y's one-hot; 0: not conditional on classes",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
+    condition_dim: int = setting(
+        0,
+        "a conditional model on real label vectors y of this size (a one-hot is one): "
+        "q(z|x, y) and p(x|z, y) read y; 0: not conditional on vectors",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
     seed: int | None = setting(
         0,
         "seed of the sampling noise, dropout and data order",
@@ -86,7 +109,17 @@ class VAEConfig:
                 "gradient_estimator",
                 self.gradient_estimator != "dreg" or self.objective == "iwae",
                 "'dreg' estimates the IWAE bound's gradient: it needs objective 'iwae'",
-            )
+            ),
+            (
+                "free_bits",
+                self.free_bits == 0 or self.objective == "elbo",
+                "floors the ELBO's KL term: it needs objective 'elbo'",
+            ),
+            (
+                "condition_dim",
+                self.num_classes == 0 or self.condition_dim == 0,
+                "and num_classes cannot both be set: labels are classes or vectors",
+            ),
         ]
 
 
@@ -165,7 +198,33 @@ class DistributionsConfig:
         "('shared') or one per data element ('per_pixel')",
         choices=("none", "shared", "per_pixel"),
     )
-    prior: str = setting("standard_normal", "p(z)", choices=lambda: registry.names("prior"))
+    prior: str = setting(
+        "standard_normal",
+        "p(z): standard_normal (N(0, I)), mixture (a learned mixture of diagonal Gaussians), "
+        "vamp (the VampPrior: the posterior's mixture at learned pseudo-inputs)",
+        choices=lambda: registry.names("prior"),
+    )
+    num_components: int = setting(
+        10,
+        "K, the components of the mixture and vamp priors (the VampPrior paper used 500)",
+        check=positive,
+        requirement="be >= 1",
+    )
     posterior: str = setting(
-        "diagonal_gaussian", "q_φ(z|x)", choices=lambda: registry.names("posterior")
+        "diagonal_gaussian",
+        "q_φ(z|x): diagonal_gaussian (N(μ_φ(x), diag σ²_φ(x))), iaf (that Gaussian followed "
+        "by an inverse autoregressive flow)",
+        choices=lambda: registry.names("posterior"),
+    )
+    flow_steps: int = setting(
+        2,
+        "iaf: T, the flow's steps (T = 0: the diagonal Gaussian)",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
+    flow_hidden_units: tuple[int, ...] = setting(
+        (320,),
+        "iaf: widths of each step's autoregressive network (MADE) hidden layers",
+        check=lambda v: len(v) >= 1 and min(v) >= 1,
+        requirement="have at least one width, each >= 1",
     )

@@ -8,8 +8,15 @@ A posterior is a Keras layer with:
   shape [d], with ``log_prob``;
 - ``sample(params, num_samples, seed=None, epsilon=None)``: reparameterized draws
   z [K, batch, d], differentiable in φ; ``epsilon`` [K, batch or 1, d] fixes the base noise;
+- ``sample_and_log_prob(params, num_samples, seed=None, epsilon=None)``: those draws and
+  log q_φ(z|x) at them [K, batch] (a flow scores its own draws cheaply);
 - ``mean(params)``: the point z at which the model reconstructs x;
-- ``analytic_kl``: whether KL(q ‖ p) has a closed form for the priors that have one.
+- ``marginals(params)``: the factors q(z_j|x) as one TFP distribution with batch shape
+  [batch, d] when q(z|x) = Π_j q(z_j|x), else None;
+- ``analytic_kl``: whether KL(q ‖ p) has a closed form for the priors that have one;
+- ``params_complete``: whether q is a function of ``params`` alone (no weights of its own
+  past the heads that make them), so that stopping ``params`` stops φ in log q(z|x), as
+  the DReG estimator needs.
 """
 
 import keras
@@ -28,6 +35,7 @@ class DiagonalGaussian(keras.layers.Layer):
     z = μ + σ ⊙ ε by the ``Sampling`` layer (seeded by ``seed``)."""
 
     analytic_kl = True
+    params_complete = True
 
     def __init__(self, seed=None, name="posterior", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -59,8 +67,15 @@ class DiagonalGaussian(keras.layers.Layer):
             epsilon=epsilon,
         )
 
+    def sample_and_log_prob(self, params, num_samples, seed=None, epsilon=None):
+        z = self.sample(params, num_samples, seed=seed, epsilon=epsilon)
+        return z, self.distribution(params).log_prob(z)
+
     def mean(self, params):
         return params["z_mean"]
+
+    def marginals(self, params):
+        return tfd.Normal(loc=params["z_mean"], scale=ops.exp(0.5 * params["z_log_var"]))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

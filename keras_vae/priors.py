@@ -1,11 +1,14 @@
 """Priors p(z) over the latent z ∈ R^d.
 
 A prior is a Keras layer (so that a learned prior's weights are tracked and saved) with:
-- ``build((d,))``, called by the model with the latent size;
-- ``distribution()``: p(z) as a TFP distribution with event shape [d] (``log_prob``,
-  ``sample(n, seed=stateless seed)``);
+- ``build(latent_shape, data_shape)``, called by the model with (d,) and x's shape;
+- ``distribution(posterior_at)``: p(z) as a TFP distribution with event shape [d]
+  (``log_prob``, ``sample(n, seed=stateless seed)``); ``posterior_at`` maps inputs x
+  [n, *data_shape] to q_φ(z|x) (batch shape [n]), for priors built from the posterior;
+- ``marginals()``: the factors p(z_j) as one TFP distribution with batch shape [d] when
+  p(z) = Π_j p(z_j), else None (per-dimension KL and free bits need them);
 - ``analytic_kl``: whether KL(q_φ(z|x) ‖ p(z)) has a closed form (``tfd.kl_divergence``)
-  for the model's posterior, so that ``kl="analytic"`` can use it.
+  for the model's posterior; where it has none the model estimates it by Monte Carlo.
 """
 
 import keras
@@ -24,8 +27,55 @@ class StandardNormal(keras.layers.Layer):
     def __init__(self, name="prior", **kwargs):
         super().__init__(name=name, **kwargs)
 
-    def build(self, latent_shape):
+    def build(self, latent_shape, data_shape=None):
         self.latent_dim = int(latent_shape[-1])
 
-    def distribution(self):
+    def distribution(self, posterior_at=None):
         return tfd.MultivariateNormalDiag(loc=ops.zeros((self.latent_dim,), "float32"))
+
+    def marginals(self):
+        return tfd.Normal(loc=ops.zeros((self.latent_dim,), "float32"), scale=1.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class GaussianMixture(keras.layers.Layer):
+    """p(z) = Σ_k π_k N(z; m_k, diag s_k²), k = 1..K, with learned weights π = softmax(a),
+    means m_k (initialised N(0, I), seeded) and scales s_k (initialised 1)."""
+
+    analytic_kl = False
+
+    def __init__(self, num_components=10, seed=None, name="prior", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if int(num_components) < 1:
+            raise ValueError(f"num_components must be >= 1; got {num_components}")
+        self.num_components = int(num_components)
+        self.seed = seed
+
+    def build(self, latent_shape, data_shape=None):
+        shape = (self.num_components, int(latent_shape[-1]))
+        self.logits = self.add_weight(
+            shape=(self.num_components,), initializer="zeros", name="logits", dtype="float32"
+        )
+        self.means = self.add_weight(
+            shape=shape,
+            initializer=keras.initializers.RandomNormal(seed=self.seed),
+            name="means",
+            dtype="float32",
+        )
+        self.log_scales = self.add_weight(
+            shape=shape, initializer="zeros", name="log_scales", dtype="float32"
+        )
+
+    def distribution(self, posterior_at=None):
+        return tfd.MixtureSameFamily(
+            tfd.Categorical(logits=ops.convert_to_tensor(self.logits)),
+            tfd.MultivariateNormalDiag(
+                loc=ops.convert_to_tensor(self.means), scale_diag=ops.exp(self.log_scales)
+            ),
+        )
+
+    def marginals(self):
+        return None
+
+    def get_config(self):
+        return {**super().get_config(), "num_components": self.num_components, "seed": self.seed}

@@ -6,7 +6,9 @@ when the piece is built, so that reading the names (for settings, flags and thei
 imports no TensorFlow. A new piece is a new file plus one line here.
 """
 
+import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass
 
 
@@ -33,9 +35,12 @@ REGISTRY = {
     },
     "prior": {
         "standard_normal": Entry("keras_vae.priors:StandardNormal"),
+        "mixture": Entry("keras_vae.priors:GaussianMixture"),
+        "vamp": Entry("keras_vae.vamp_prior:VampPrior"),
     },
     "posterior": {
         "diagonal_gaussian": Entry("keras_vae.posteriors:DiagonalGaussian"),
+        "iaf": Entry("keras_vae.iaf:IAFPosterior"),
     },
 }
 
@@ -56,6 +61,16 @@ def load(kind, name):
     """The builder or class registered as ``name`` of ``kind``."""
     module, _, attribute = entry(kind, name).target.partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def make(kind, name, settings=None, **kwargs):
+    """The piece registered as ``name`` of ``kind``, made with ``kwargs`` and with those
+    fields of ``settings`` (a dataclass or dict) that its constructor names."""
+    cls = load(kind, name)
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in (settings or {}).items() if k in accepted}, **kwargs)
 
 
 def load_all():
