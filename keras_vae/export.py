@@ -1,6 +1,8 @@
 """SavedModel export in TF Serving's layout: ``EXPORT_DIR/NAME/VERSION/``.
 
-Signatures (every input has a leading batch dimension, so TF Serving's row format works):
+Signatures (every input has a leading batch dimension, so TF Serving's row format works; a
+conditional model's each take labels ``y`` as well: int64 classes [n] or float32 vectors
+[n, C]):
 - ``serving_default``: x → reconstruction and the posterior's parameters (z_mean, z_log_var)
 - ``encode``:  x → the posterior's parameters (z_mean, z_log_var for the diagonal Gaussian)
 - ``decode``:  z → mean (probabilities for Bernoulli) and the likelihood's parameters
@@ -71,12 +73,25 @@ def score_epsilon(latent_dim):
     return tf.cast(tf.concat([half, -half], axis=0)[:, None, :], tf.float32)
 
 
+def label_spec(model):
+    """The served input y of a conditional model: int64 classes [n] or float32 vectors
+    [n, C]."""
+    if model.config.num_classes:
+        return tf.TensorSpec((None,), tf.int64, name="y")
+    return tf.TensorSpec((None, model.config.condition_dim), tf.float32, name="y")
+
+
 def serving_functions(model):
     """The served ``tf.function``s of ``model``, by signature name."""
     x_spec = tf.TensorSpec((None,) + model.data_shape, tf.float32, name="x")
     z_spec = tf.TensorSpec((None, model.latent_dim), tf.float32, name="z")
     seed_spec = tf.TensorSpec((None,), tf.int64, name="seed")
     epsilon = score_epsilon(model.latent_dim)
+    # A conditional model's signatures take labels y after their other input.
+    y_specs = [label_spec(model)] if model.conditional else []
+
+    def signature(*specs):
+        return tf.function(input_signature=list(specs) + y_specs)
 
     # Signature calls do not check shapes; a wrong one must fail here, with the expected
     # shape in the message, rather than deep inside a matmul.
@@ -91,20 +106,19 @@ def serving_functions(model):
             key: tf.debugging.assert_all_finite(value, message) for key, value in outputs.items()
         }
 
-    @tf.function(input_signature=[x_spec])
-    def serving_default(x):
+    @signature(x_spec)
+    def serving_default(x, y=None):
         x = checked_x(x)
-        params = finite(model.encode_params(x))
-        return finite(
-            {"reconstruction": model.decode(model.posterior.mean(params), x).mean(), **params}
-        )
+        params = finite(model.encode_params(x, y=y))
+        reconstruction = model.decode(model.posterior.mean(params), x, y=y).mean()
+        return finite({"reconstruction": reconstruction, **params})
 
-    @tf.function(input_signature=[x_spec])
-    def encode(x):
-        return finite(model.encode_params(checked_x(x)))
+    @signature(x_spec)
+    def encode(x, y=None):
+        return finite(model.encode_params(checked_x(x), y=y))
 
-    def decoded(z, noise=None):
-        likelihood = model.decode(z, noise=noise)
+    def decoded(z, noise=None, y=None):
+        likelihood = model.decode(z, noise=noise, y=y)
         mean = likelihood.mean()
         outputs = {"mean": mean}
         for key, value in likelihood.distribution.parameters.items():
@@ -112,9 +126,9 @@ def serving_functions(model):
                 outputs[key] = tf.broadcast_to(tf.cast(value, tf.float32), tf.shape(mean))
         return outputs
 
-    @tf.function(input_signature=[z_spec])
-    def decode(z):
-        return finite(decoded(tf.ensure_shape(z, z_spec.shape)))
+    @signature(z_spec)
+    def decode(z, y=None):
+        return finite(decoded(tf.ensure_shape(z, z_spec.shape), y=y))
 
     def per_row(draw, shape, seed, stream):
         """One stateless draw of ``shape`` per row, from (that row's seed, ``stream``)."""
@@ -123,19 +137,19 @@ def serving_functions(model):
         )
 
     def draw_prior(shape, seed):
-        return model.prior.distribution().sample(seed=tf.cast(seed, tf.int32))
+        return model.sample_prior(1, seed=tf.cast(seed, tf.int32))[0]
 
-    @tf.function(input_signature=[seed_spec])
-    def sample(seed):
+    @signature(seed_spec)
+    def sample(seed, y=None):
         z = per_row(draw_prior, (model.latent_dim,), seed, 0)
         noise = None
         if model.autoregressive:
             noise = per_row(tf.random.stateless_uniform, model.data_shape, seed, 1)
-        outputs = decoded(z, noise)
+        outputs = decoded(z, noise, y)
         return {"z": z, "mean": outputs["mean"]}
 
-    @tf.function(input_signature=[x_spec])
-    def score(x):
+    @signature(x_spec)
+    def score(x, y=None):
         x = tf.ensure_shape(x, x_spec.shape)
         rows = tf.shape(x)[0]
         # One pass even for an empty batch, so its outputs keep their names and dtypes.
@@ -146,8 +160,10 @@ def serving_functions(model):
         }
 
         def body(i, arrays):
-            chunk = x[i * SCORE_CHUNK : (i + 1) * SCORE_CHUNK]
-            scores = model.score(chunk, SCORE_SAMPLES, epsilon=epsilon)
+            rows = slice(i * SCORE_CHUNK, (i + 1) * SCORE_CHUNK)
+            scores = model.score(
+                x[rows], SCORE_SAMPLES, epsilon=epsilon, y=None if y is None else y[rows]
+            )
             return i + 1, {
                 key: arrays[key].write(i, tf.cast(scores[key], tf.float32)) for key in arrays
             }
@@ -259,12 +275,15 @@ def write_warmup_requests(path, model, name):
 
     from keras_vae.serving import grpc_request
 
-    x = np.zeros((1,) + model.data_shape, "float32")
+    inputs = {"x": np.zeros((1,) + model.data_shape, "float32")}
+    if model.conditional:
+        spec = label_spec(model)
+        inputs["y"] = np.zeros((1, *spec.shape[1:]), spec.dtype.as_numpy_dtype)
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature in ("serving_default", "score"):
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(
-                    request=grpc_request(name, signature, {"x": x})
+                    request=grpc_request(name, signature, inputs)
                 )
             )
             writer.write(log.SerializeToString())

@@ -2,6 +2,7 @@
 followed by T autoregressive affine steps conditioned on the encoder's features."""
 
 import functools
+import itertools
 
 import keras
 import numpy as np
@@ -19,31 +20,34 @@ tfd = tfp.distributions
 class AutoregressiveStep(keras.layers.Layer):
     """(shift, log_scale) of one flow step: a MADE over z ∈ R^d whose hidden layers also
     read the context h, h_1 = a(M_1⊙W_1 z + V_1 h + b_1), h_l = a(M_l⊙W_l h_{l−1} + V_l h +
-    b_l), with outputs M_o⊙W_o h_L + b_o, so that both outputs at i depend on z_<i only.
-    The output weights start at zero: the step starts as the identity."""
+    b_l), with outputs shift = M_o⊙W_o h_L + b_o and log_scale = 3 tanh((M_o⊙U_o h_L +
+    c_o) / 3), so that both outputs at i depend on the z before z_i only.
+    With ``reverse`` the order is z_d, …, z_1. The output weights start at zero: the step
+    starts as the identity."""
 
-    def __init__(self, hidden_units=(320,), activation="elu", seed=None, **kwargs):
+    def __init__(self, hidden_units=(320,), activation="elu", reverse=False, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.hidden_units = tuple(int(n) for n in hidden_units)
         self.activation_name = activation
         self.activation = keras.activations.get(activation)
+        self.reverse = bool(reverse)
         self.seed = seed
 
     def build(self, latent_dim, context_dim):
         d = int(latent_dim)
-        degrees = [np.arange(1, d + 1)] + [made_degrees(n, d) for n in self.hidden_units]
-        # Hidden unit k sees z_j for j ≤ m_k; output i sees hidden units with m_k < i.
+        # z_i's place in the autoregressive order: i, or d + 1 − i with ``reverse``.
+        order = np.arange(d, 0, -1) if self.reverse else np.arange(1, d + 1)
+        degrees = [order] + [made_degrees(n, d) for n in self.hidden_units]
+        # Hidden unit k sees the z_j of order ≤ m_k; output i those units with m_k < its order.
         self._masks = [
             (later[None, :] >= earlier[:, None]).astype("float32")
-            for earlier, later in zip(degrees[:-1], degrees[1:])
+            for earlier, later in itertools.pairwise(degrees)
         ]
-        self._output_mask = (np.arange(1, d + 1)[None, :] > degrees[-1][:, None]).astype(
-            "float32"
-        )
+        self._output_mask = (order[None, :] > degrees[-1][:, None]).astype("float32")
         seeds = np.random.default_rng(self.seed).integers(0, 2**31, size=len(self.hidden_units))
         widths = (d,) + self.hidden_units
         self.kernels, self.context_kernels, self.biases = [], [], []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             init = keras.initializers.GlorotUniform(seed=int(seeds[i]))
             self.kernels.append(self.add_weight(shape=(fan_in, fan_out), initializer=init))
             self.context_kernels.append(
@@ -66,13 +70,15 @@ class AutoregressiveStep(keras.layers.Layer):
             )
         shift = ops.matmul(h, self.shift_kernel * self._output_mask) + self.shift_bias
         log_scale = ops.matmul(h, self.log_scale_kernel * self._output_mask) + self.log_scale_bias
-        return shift, log_scale
+        # A soft bound |log_scale| < 3 keeps each step's scale, and its inverse's, finite.
+        return shift, 3.0 * ops.tanh(log_scale / 3.0)
 
     def get_config(self):
         return {
             **super().get_config(),
             "hidden_units": list(self.hidden_units),
             "activation": self.activation_name,
+            "reverse": self.reverse,
             "seed": self.seed,
         }
 
@@ -81,8 +87,8 @@ class AutoregressiveStep(keras.layers.Layer):
 class IAFPosterior(keras.layers.Layer):
     """q_φ(z|x): z_0 = μ_φ(x) + σ_φ(x) ⊙ ε (``DiagonalGaussian``), then for t = 1..T
     z_t = (z_{t−1} − shift_t) ⊙ exp(−log_scale_t), (shift_t, log_scale_t) autoregressive
-    in z_{t−1} and conditioned on the encoder's features h, the order of z reversed
-    between steps. The Jacobian is triangular, so
+    in z_{t−1} and conditioned on the encoder's features h, in the order z_1..z_d for odd t
+    and z_d..z_1 for even t. The Jacobian is triangular, so
 
         log q_φ(z_T|x) = log N(z_0; μ, diag σ²) + Σ_t Σ_i log_scale_{t,i}
 
@@ -122,6 +128,7 @@ class IAFPosterior(keras.layers.Layer):
             AutoregressiveStep(
                 self.flow_hidden_units,
                 activation,
+                reverse=t % 2 == 1,
                 seed=None if seed is None else seed + 1 + t,
                 dtype="float32",
                 name=f"flow_{t}",
@@ -131,7 +138,6 @@ class IAFPosterior(keras.layers.Layer):
 
     def build(self, features_shape, latent_dim):
         self.gaussian.build(features_shape, latent_dim)
-        self._reverse = list(range(int(latent_dim)))[::-1]
         for step in self.steps:
             step.build(latent_dim, features_shape[-1])
 
@@ -140,16 +146,18 @@ class IAFPosterior(keras.layers.Layer):
 
     def bijector(self, params):
         """The flow z_0 ↦ z_T for the examples of ``params``."""
-        bijectors = []
-        for t, step in enumerate(self.steps):
-            if t:
-                bijectors.append(tfb.Permute(self._reverse))
-            made = functools.partial(step, context=params["features"])
-            bijectors.append(tfb.Invert(tfb.MaskedAutoregressiveFlow(made)))
-        return tfb.Chain(bijectors[::-1])
+        steps = [
+            tfb.Invert(
+                tfb.MaskedAutoregressiveFlow(functools.partial(step, context=params["features"]))
+            )
+            for step in self.steps
+        ]
+        return tfb.Chain(steps[::-1])  # Chain applies its last bijector first
 
     def distribution(self, params):
-        return tfd.TransformedDistribution(self.gaussian.distribution(params), self.bijector(params))
+        return tfd.TransformedDistribution(
+            self.gaussian.distribution(params), self.bijector(params)
+        )
 
     def sample(self, params, num_samples, seed=None, epsilon=None):
         return self.bijector(params).forward(

@@ -109,16 +109,16 @@ class VAE(keras.Model):
                 self.decoder.build()
         else:
             width = self.latent_dim + self.condition_dim
+            inputs = "[z, c(y)]" if self.conditional else "z"
             try:
                 shape = self.decoder.compute_output_shape((None, width))
             except ValueError as error:
                 raise ValueError(
-                    f"the decoder does not take inputs of shape (batch, {width}) (z, "
-                    f"then c(y) for a conditional model): {error}"
+                    f"the decoder does not take {inputs} of shape (batch, {width}): {error}"
                 ) from None
             if tuple(shape[1:]) != self.data_shape:
                 raise ValueError(
-                    f"the decoder maps inputs of shape (batch, {width}) to shape "
+                    f"the decoder maps {inputs} of shape (batch, {width}) to shape "
                     f"{tuple(shape)}; the likelihood needs (batch,) + {self.data_shape}."
                 )
         self.built = True

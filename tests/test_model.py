@@ -251,7 +251,7 @@ def test_data_outside_unit_interval_is_refused(digits, likelihood):
     [
         ({"likelihood": "poisson"}, "'likelihood' must be one of .*got 'poisson'"),
         ({"architecture": "resnet"}, "'architecture' must be one of .*got 'resnet'"),
-        ({"kl": "exact"}, r"'kl' must be one of \('analytic', 'mc'\)"),
+        ({"kl": "exact"}, r"'kl' must be one of \('auto', 'analytic', 'mc'\)"),
         ({"objective": "vimco"}, "'objective' must be one of"),
         ({"gradient_estimator": "vimco"}, "'gradient_estimator' must be one of"),
         ({"gradient_estimator": "dreg"}, "it needs objective 'iwae'"),
