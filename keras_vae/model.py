@@ -90,13 +90,20 @@ class VAE(keras.Model):
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.elbo_tracker = keras.metrics.Mean(name="elbo")
-        # Built now, so that save/export work even if fit never calls self(x).
-        self.build((None,) + self.data_shape)
+        # Built now, so that save/export work even if fit never calls self(x); a
+        # conditional model's input is (x, y), as Keras's default signature must call it.
+        x_shape = (None,) + self.data_shape
+        if self.conditional:
+            y_shape = (None,) if self.config.num_classes else (None, self.config.condition_dim)
+            self.build((x_shape, y_shape))
+        else:
+            self.build(x_shape)
 
     def build(self, input_shape):
+        x_shape = tuple(input_shape[0] if self.conditional else input_shape)
         # Pieces restored by keras.saving.load_model arrive built.
         if not self.posterior.built:
-            features = self.encoder.compute_output_shape(tuple(input_shape))
+            features = self.encoder.compute_output_shape(x_shape)
             # A conditional posterior reads the features and c(y), side by side.
             features = (*features[:-1], features[-1] + self.condition_dim)
             self.posterior.build(features, self.latent_dim)

@@ -1,0 +1,201 @@
+"""Conditional VAEs: q(z|x, y) and p(x|z, y) on class labels or real vectors, against a
+linear-Gaussian model's closed form, through save/load, export and the data pipeline."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import make_vae
+from scipy.stats import multivariate_normal
+
+from keras_vae import data as datasets
+from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
+
+D, LATENT, CLASSES, SIGMA = 6, 2, 3, 0.5
+
+
+def linear_gaussian(rng):
+    """A conditional linear-Gaussian model x = W z + B onehot(y) + b + σ·noise, z ~ N(0, I),
+    with its exact posterior q(z|x, y) = p(z|x, y) set by hand; and (W, B, b)."""
+    # W with orthogonal columns, so that the exact posterior is diagonal.
+    w = np.linalg.qr(rng.normal(size=(D, LATENT)))[0] * np.array([2.0, 0.7])
+    big_b, b = rng.normal(size=(D, CLASSES)), rng.normal(size=D)
+    model = make_vae(
+        (D,),
+        latent_dim=LATENT,
+        hidden_units=(),
+        likelihood="gaussian",
+        sigma=SIGMA,
+        kl="mc",
+        conditional=True,
+        num_classes=CLASSES,
+        seed=0,
+    )
+    m_inv = np.linalg.inv(w.T @ w + SIGMA**2 * np.eye(LATENT))
+    # Decoder: x̂ = [z, c] [Wᵀ; Bᵀ] + b. Posterior: μ = (x − b − c Bᵀ) W M⁻¹, σ² = σ² diag M⁻¹.
+    model.decoder.layers[0].set_weights([np.vstack([w.T, big_b.T]), b])
+    model.posterior.z_mean_head.set_weights(
+        [np.vstack([w @ m_inv, -big_b.T @ w @ m_inv]), -(b @ w @ m_inv)]
+    )
+    model.posterior.z_log_var_head.set_weights(
+        [np.zeros((D + CLASSES, LATENT)), np.log(SIGMA**2 * np.diag(m_inv))]
+    )
+    return model, (w, big_b, b)
+
+
+def draws(rng, params, n):
+    w, big_b, b = params
+    y = rng.integers(0, CLASSES, n)
+    x = rng.normal(size=(n, LATENT)) @ w.T + big_b[:, y].T + b + SIGMA * rng.normal(size=(n, D))
+    return x.astype("float32"), y
+
+
+def closed_form(x, y, params):
+    """log p(x|y) = log N(x; B onehot(y) + b, W Wᵀ + σ² I)."""
+    w, big_b, b = params
+    cov = w @ w.T + SIGMA**2 * np.eye(D)
+    return np.array([multivariate_normal(big_b[:, c] + b, cov).logpdf(row) for row, c in zip(x, y)])
+
+
+def test_log_p_x_given_y_equals_the_closed_form_at_the_exact_posterior(rng):
+    model, params = linear_gaussian(rng)
+    x, y = draws(rng, params, 40)
+    exact = closed_form(x, y, params)
+    scores = model.score(x, 5, seed=3, y=y)
+    # At q = p(z|x, y) every importance weight equals p(x|y): exact with any draws.
+    np.testing.assert_allclose(scores["log_px"].numpy(), exact, rtol=1e-4)
+    np.testing.assert_allclose(scores["elbo"].numpy(), exact, rtol=1e-4)
+    other = np.roll(y, 1)  # the wrong labels give another, lower, likelihood
+    assert model.score(x, 5, seed=3, y=other)["log_px"].numpy().mean() < exact.mean() - 1
+
+
+@pytest.mark.parametrize(
+    "y, error, message",
+    [
+        (None, ValueError, "is conditional: it needs labels y"),
+        (np.zeros((4, 3)), ValueError, r"expects labels y of shape \(batch,\) \+ \(\)"),
+        (np.array([0, 1, 2, 3]), tf.errors.InvalidArgumentError, r"whole classes in \[0, 3\)"),
+        (np.array([0, 1, -1, 2]), tf.errors.InvalidArgumentError, r"whole classes in \[0, 3\)"),
+        (np.array([0, 1, 2]), tf.errors.InvalidArgumentError, "different batch sizes"),
+    ],
+)
+def test_bad_labels_are_refused_with_a_message_that_names_them(rng, y, error, message):
+    model, params = linear_gaussian(rng)
+    x, _ = draws(rng, params, 4)
+    with pytest.raises(error, match=message):
+        model.score(x, 2, seed=1, y=y)
+
+
+def test_check_labels_names_the_first_bad_label():
+    model = make_vae(
+        (D,), latent_dim=2, hidden_units=(), likelihood="gaussian", conditional=True, num_classes=3
+    )
+    model.check_labels(np.array([0, 2, 1]))
+    with pytest.raises(ValueError, match=r"label 1 is 2.5"):
+        model.check_labels(np.array([0, 2.5, 1]))
+    with pytest.raises(ValueError, match=r"one class per example; got shape \(3, 1\)"):
+        model.check_labels(np.zeros((3, 1)))
+
+
+def class_model():
+    return make_vae(
+        (8, 8, 1), latent_dim=2, hidden_units=(16,), conditional=True, num_classes=3, seed=0
+    )
+
+
+def binary(rng, n):
+    return (rng.uniform(size=(n, 8, 8, 1)) > 0.5).astype("float32"), rng.integers(0, 3, n)
+
+
+def test_fit_on_x_and_labels_then_save_load_and_serve_the_same_numbers(rng, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = class_model()
+    x, y = binary(rng, 64)
+    model.compile(optimizer="adam")
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    path = tmp_path / "cvae.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    epsilon = score_epsilon(2)
+    expected = model.score(x[:5], SCORE_SAMPLES, epsilon=epsilon, y=y[:5])
+    np.testing.assert_allclose(
+        restored.score(x[:5], SCORE_SAMPLES, epsilon=epsilon, y=y[:5])["log_px"].numpy(),
+        expected["log_px"].numpy(),
+        rtol=1e-6,
+    )
+    served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "cvae")))
+    labels = tf.constant(y[:5], tf.int64)
+    scored = served.signatures["score"](x=tf.constant(x[:5]), y=labels)
+    for key in ("elbo", "log_px"):
+        np.testing.assert_allclose(scored[key].numpy(), expected[key].numpy(), rtol=1e-4)
+    encoded = served.signatures["encode"](x=tf.constant(x[:5]), y=labels)
+    params = model.encode_params(x[:5], y=y[:5])
+    np.testing.assert_allclose(encoded["z_mean"].numpy(), params["z_mean"].numpy(), rtol=1e-5)
+    z = params["z_mean"].numpy()
+    decoded = served.signatures["decode"](z=tf.constant(z), y=labels)
+    np.testing.assert_allclose(
+        decoded["mean"].numpy(), model.decode(z, y=y[:5]).mean().numpy(), rtol=1e-5
+    )
+    sampled = served.signatures["sample"](
+        seed=tf.constant([7, 7, 7], tf.int64), y=tf.constant([0, 1, 2], tf.int64)
+    )
+    same_z = np.repeat(model.sample_prior(1, seed=(7, 0)).numpy(), 3, axis=0)
+    np.testing.assert_allclose(sampled["z"].numpy(), same_z, rtol=1e-6)
+    # One z, three classes: three different images, each the model's own p(x|z, y).
+    np.testing.assert_allclose(
+        sampled["mean"].numpy(), model.decode(same_z, y=[0, 1, 2]).mean().numpy(), rtol=1e-5
+    )
+    assert np.abs(sampled["mean"].numpy()[0] - sampled["mean"].numpy()[1]).max() > 1e-4
+
+
+def test_a_model_conditional_on_vectors_reads_them_as_they_are(rng):
+    model = make_vae(
+        (8, 8, 1), latent_dim=2, hidden_units=(16,), conditional=True, condition_dim=3, seed=0
+    )
+    x, _ = binary(rng, 4)
+    one_hot = np.eye(3, dtype="float32")[[0, 1, 2, 0]]
+    as_classes = class_model()
+    as_classes.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        model.score(x, 3, seed=1, y=one_hot)["log_px"].numpy(),
+        as_classes.score(x, 3, seed=1, y=[0, 1, 2, 0])["log_px"].numpy(),
+        rtol=1e-6,
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="labels y contain NaN or inf"):
+        model.score(x, 3, seed=1, y=np.full((4, 3), np.nan, "float32"))
+
+
+def test_vamp_prior_is_refused_for_a_conditional_model(rng):
+    model = make_vae(
+        (8, 8, 1),
+        latent_dim=2,
+        hidden_units=(16,),
+        prior="vamp",
+        conditional=True,
+        num_classes=3,
+        seed=0,
+    )
+    x, y = binary(rng, 4)
+    with pytest.raises(ValueError, match="a conditional model does not have without labels"):
+        model.score(x, 2, seed=1, y=y)
+
+
+def test_the_training_stream_carries_labels_with_their_examples():
+    x = np.arange(10, dtype="float32").reshape(10, 1, 1, 1)
+    y = np.arange(10) * 10
+    stream = datasets.training_dataset(x, 4, seed=0, binarize=False, initial_epoch=0, epochs=2, y=y)
+    batches = list(stream.as_numpy_iterator())
+    assert len(batches) == 6
+    for x_batch, y_batch in batches:
+        np.testing.assert_array_equal(y_batch, x_batch.reshape(-1) * 10)
+
+
+def test_npz_labels_may_be_vectors_and_are_checked_per_example(tmp_path):
+    path = tmp_path / "d.npz"
+    x = np.zeros((4, 2, 2), "uint8")
+    np.savez(path, x_train=x, x_test=x, y_train=np.zeros((4, 3)), y_test=np.zeros((4, 3)))
+    assert datasets.load(f"npz:{path}").y_train.shape == (4, 3)
+    np.savez(path, x_train=x, x_test=x, y_train=np.zeros((3,)))
+    with pytest.raises(ValueError, match=r"y_train has shape \(3,\); expected one label"):
+        datasets.load(f"npz:{path}")
