@@ -56,10 +56,13 @@ def _add_config_flags(parser):
     for flag, (section, field) in flag_table().items():
         choices = choices_of(field)
         default = RunConfig().to_dict()[section][field.name]
+        # A yes/no setting's flag alone means true: --conditional is --conditional true.
+        switch = {"nargs": "?", "const": "true"} if field.type in (bool, "bool") else {}
         parser.add_argument(
             f"--{flag}",
             dest=f"{section}.{field.name}",
             default=None,
+            **switch,
             metavar=field.name.upper() if choices is None else None,
             choices=None if choices is None else [str(c) for c in choices],
             help=f"{field.metadata['help']} (default: {default!r}; section {section})",
@@ -125,7 +128,8 @@ def _cmd_evaluate(args):
     saved = None if run_dir is None else run_dir / TEST_SET_FILE
     if saved is not None and saved.is_file() and not (args.data or args.binarize or args.data_dir):
         # The run's own test set, so that its scores never depend on redrawing it.
-        x, _ = datasets.load_test_set(saved)
+        x, y = datasets.load_test_set(saved)
+        data = None if y is None else _probe_source(config)
     else:
         if config is None and not args.data:
             raise ConfigError(
@@ -144,9 +148,19 @@ def _cmd_evaluate(args):
             config.data.data, args.data_dir or config.data.data_dir, config.data.download
         )
         model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
-        x = evaluation_copy(config, data.x_test)
+        x, y = evaluation_copy(config, data.x_test), data.y_test
     x = x[: args.limit]
-    report, scores = evaluate(model, x, args.k, args.batch_size, args.chunk_size, args.seed)
+    probe = {}
+    if y is not None and data is not None and data.y_train is not None:
+        model.check_data(data.x_train)  # before binarizing, as the test set
+        probe = {
+            "y": y[: args.limit],
+            "x_train": evaluation_copy(config, data.x_train),
+            "y_train": data.y_train,
+        }
+    report, scores = evaluate(
+        model, x, args.k, args.batch_size, args.chunk_size, args.seed, **probe
+    )
     report["data"] = config.data.data
     text = json.dumps(report, indent=2)
     print(text)
@@ -163,6 +177,23 @@ def _cmd_evaluate(args):
             )
 
 
+def _probe_source(config):
+    """The run's data source, whose labelled training set the linear probe is fitted to; None,
+    with a note on stderr, when it cannot be loaded (the run's saved test set is scored all
+    the same)."""
+    from keras_vae import data as datasets
+
+    try:
+        return datasets.load(config.data.data, config.data.data_dir, config.data.download)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(
+            f"keras-vae: note: no linear probe: the training data of {config.data.data!r} "
+            f"could not be loaded ({files.one_line(error, 200)})",
+            file=sys.stderr,
+        )
+        return None
+
+
 def _cmd_export(args):
     from keras_vae.export import export_model
 
@@ -176,7 +207,20 @@ def _cmd_sample(args):
     from keras_vae import plots
 
     model, _, _ = load_run_or_model(args.model)
-    images = model.sample(args.n, seed=args.seed).numpy()
+    labels = None
+    if model.config.num_classes:
+        if not args.label:
+            raise ValueError(
+                f"the model is conditional on {model.config.num_classes} classes: give --label"
+            )
+        # The labels repeat over the rows: --label 0 1 2 gives rows of class 0, 1, 2, 0, …
+        labels = np.resize(np.asarray(args.label, "int64"), args.n)
+        model.check_labels(labels)
+    elif model.conditional:
+        raise ValueError("the model is conditional on label vectors: sample it from Python")
+    elif args.label:
+        raise ValueError("--label is for a model conditional on classes; this one is not")
+    images = model.sample(args.n, seed=args.seed, labels=labels).numpy()
     if args.output.endswith(".npy"):
         np.save(args.output, images)
     else:
@@ -231,6 +275,12 @@ def build_parser():
     sample.add_argument("--n", type=_positive_int, default=64)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--output", default="samples.png", help=".png grid or .npy array")
+    sample.add_argument(
+        "--label",
+        type=int,
+        nargs="+",
+        help="a class-conditional model's classes, repeated over the rows",
+    )
     sample.set_defaults(func=_cmd_sample)
     return parser
 

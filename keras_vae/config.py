@@ -88,7 +88,7 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
                     "seed",
                     self.seed is not None,
                     "must be an integer for a run (it seeds the data order)",
-                )
+                ),
             ]
             + NetworkConfig.rules(self)
             + VAEConfig.rules(self)

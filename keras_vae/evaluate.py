@@ -5,6 +5,8 @@ For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x
     ELBO(x)    = (1/K) Σ_k log p_θ(x|z_k) − KL(q_φ(z|x) ‖ p(z))   (KL in closed form, or
                  (1/K) Σ_k log q_φ(z_k|x) − log p(z_k) where it has none)
     gap(x)     = log p̂_K(x) − ELBO(x)     (estimates KL(q_φ(z|x) ‖ p_θ(z|x)))
+The standard error of log p̂_K(x) is the jackknife's over B batches of the K draws: it follows
+the log's curvature and the weights' tails, which the delta method √(Var(w) / (K w̄²)) does not.
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
 ``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, seeded by
 (seed, batch index, draw index): the same call gives the same numbers, however chunked.
@@ -18,7 +20,11 @@ import tensorflow as tf
 from scipy.special import logsumexp
 
 from keras_vae import data as datasets
+from keras_vae.latent import check_probe_data, latent_report, probe_data
 from keras_vae.likelihoods import BernoulliLikelihood
+
+# B, the batches of draws of the jackknife standard error of log p̂_K (B = K when K < B).
+SE_BATCHES = 20
 
 
 def k_ladder(num_samples):
@@ -40,37 +46,60 @@ def chunk_bounds(num_samples, chunk_size, stops):
 
 
 class _Accumulator:
-    """Running per-example sums over draws, in log space where needed."""
+    """Running per-example sums over draws, in log space where needed. Draw k belongs to
+    batch k mod B (B = min(``SE_BATCHES``, K)), whose log Σ w_k is kept for the jackknife
+    standard error of log p̂_K."""
 
-    def __init__(self, n):
-        self.lse_w = np.full(n, -np.inf)  # log Σ w_k
-        self.lse_w2 = np.full(n, -np.inf)  # log Σ w_k²
+    def __init__(self, n, num_samples):
+        self.batches = min(SE_BATCHES, num_samples)
+        self.lse_batch = np.full((n, self.batches), -np.inf)  # log Σ_{k in batch b} w_k
+        self.batch_sizes = np.zeros(self.batches, np.int64)
         self.sum_ll = np.zeros(n)  # Σ log p(x|z_k)
         self.sum_ll2 = np.zeros(n)  # Σ (log p(x|z_k))²
         self.sum_log_ratio = np.zeros(n)  # Σ log q(z_k|x) − log p(z_k)
         self.count = 0
 
     def add(self, log_w, log_px_z):
+        """Adds draws ``count``, ``count`` + 1, … ([draws, n] arrays)."""
         log_w, log_px_z = np.float64(log_w), np.float64(log_px_z)
+        batch_of = (self.count + np.arange(len(log_w))) % self.batches
         # Non-finite draws give NaN sums that importance_weighted reports by example.
-        with np.errstate(invalid="ignore", over="ignore"):
-            self.lse_w = np.logaddexp(self.lse_w, logsumexp(log_w, axis=0))
-            self.lse_w2 = np.logaddexp(self.lse_w2, logsumexp(2 * log_w, axis=0))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for b in np.unique(batch_of):
+                self.lse_batch[:, b] = np.logaddexp(
+                    self.lse_batch[:, b], logsumexp(log_w[batch_of == b], axis=0)
+                )
             self.sum_ll += log_px_z.sum(0)
             self.sum_ll2 += (log_px_z**2).sum(0)
             self.sum_log_ratio += (log_px_z - log_w).sum(0)
-        self.count += log_w.shape[0]
+        self.batch_sizes += np.bincount(batch_of, minlength=self.batches)
+        self.count += len(log_w)
 
     def log_px(self):
-        """log p̂_K and its delta-method standard error √(Var(w) / (K w̄²))."""
-        k = self.count
-        relative_var = np.maximum(k * np.exp(self.lse_w2 - 2 * self.lse_w) - 1.0, 0.0)
-        return self.lse_w - math.log(k), np.sqrt(relative_var / k)
+        """log p̂_k = log (1/k) Σ_k w_k over the k draws added so far."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return logsumexp(self.lse_batch, axis=1) - math.log(self.count)
+
+    def log_px_se(self):
+        """The delete-a-batch jackknife standard error of log p̂_K:
+        √((B − 1)/B · Σ_b (L₋b − L̄)²), L₋b = log p̂ of the draws outside batch b, L̄ the mean
+        of the L₋b; NaN for K = 1, which has no spread to measure."""
+        b = self.batches
+        if b < 2:
+            return np.full(len(self.lse_batch), np.nan)
+        others = np.where(np.eye(b, dtype=bool), -np.inf, 0.0)
+        with np.errstate(invalid="ignore"):
+            left_out = logsumexp(self.lse_batch[:, None, :] + others, axis=2) - np.log(
+                self.count - self.batch_sizes
+            )
+            spread = np.sum((left_out - left_out.mean(1, keepdims=True)) ** 2, axis=1)
+        return np.sqrt((b - 1) / b * spread)
 
 
-def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0):
+def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``log_px``, ``log_px_se`` (K draws),
-    and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws)."""
+    and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws);
+    for a conditional model, of log p(x|y) given the labels y."""
     for name, value in (
         ("num_samples", num_samples),
         ("batch_size", batch_size),
@@ -82,10 +111,14 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
     if not len(x):
         raise ValueError("nothing to evaluate: x has no examples")
     model.check_data(x)
+    if model.conditional:
+        if y is None:
+            raise ValueError("the model is conditional: evaluating it needs the labels y")
+        model.check_labels(y)
     ladder = k_ladder(num_samples)
 
     @tf.function(reduce_retracing=True)
-    def draws(x_batch, first, count, batch_index):
+    def draws(x_batch, y_batch, first, count, batch_index):
         # ε_k for draw k of batch b is seeded by (seed, b·K + k) alone, so the numbers do
         # not depend on how the K draws are split into chunks.
         shape = tf.stack([tf.shape(x_batch)[0], model.latent_dim])
@@ -96,18 +129,20 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
             tf.range(first, first + count),
             fn_output_signature=tf.float32,
         )
-        log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon)
+        log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon, y=y_batch)
         return log_px_z + log_pz - log_qz, log_px_z, kl
 
     out = {key: [] for key in ("elbo", "elbo_se", "log_px", "log_px_se")}
     by_k = {k: [] for k in ladder}
     for b, start in enumerate(range(0, len(x), batch_size)):
         x_batch = tf.constant(x[start : start + batch_size])
-        acc = _Accumulator(len(x_batch))
+        y_batch = None if not model.conditional else tf.constant(y[start : start + batch_size])
+        acc = _Accumulator(len(x_batch), num_samples)
         done = 0
         for bound in chunk_bounds(num_samples, chunk_size, ladder):
             log_w, log_px_z, kl = draws(
                 x_batch,
+                y_batch,
                 tf.constant(done, tf.int64),
                 tf.constant(bound - done, tf.int64),
                 tf.constant(b, tf.int64),
@@ -115,8 +150,9 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
             acc.add(log_w.numpy(), log_px_z.numpy())
             done = bound
             if bound in by_k:
-                by_k[bound].append(acc.log_px()[0])
-        bad = np.flatnonzero(~(np.isfinite(acc.lse_w) & np.isfinite(acc.sum_ll)))
+                by_k[bound].append(acc.log_px())
+        log_px = acc.log_px()
+        bad = np.flatnonzero(~(np.isfinite(log_px) & np.isfinite(acc.sum_ll)))
         if len(bad):
             first = start + bad[0]
             raise ValueError(
@@ -126,14 +162,13 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         k = acc.count
         mean_ll = acc.sum_ll / k
         var_ll = np.maximum(acc.sum_ll2 / k - mean_ll**2, 0.0) * k / max(k - 1, 1)
-        log_px, log_px_se = acc.log_px()
         # The closed-form KL where the prior and posterior have one, else its Monte Carlo
         # estimate from the same draws.
         kl = acc.sum_log_ratio / k if kl is None else np.float64(kl.numpy())
         out["elbo"].append(mean_ll - kl)
         out["elbo_se"].append(np.sqrt(var_ll / k))
         out["log_px"].append(log_px)
-        out["log_px_se"].append(log_px_se)
+        out["log_px_se"].append(acc.log_px_se())
     result = {key: np.concatenate(values) for key, values in out.items()}
     result["log_px_by_k"] = {k: np.concatenate(values) for k, values in by_k.items()}
     return result
@@ -147,12 +182,28 @@ def mean_and_se(values):
     }
 
 
-def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0):
+def evaluate(
+    model,
+    x,
+    num_samples=1000,
+    batch_size=100,
+    chunk_size=500,
+    seed=0,
+    y=None,
+    x_train=None,
+    y_train=None,
+):
     """The evaluation report (nats per example; bits/dim = −log p / (D ln 2) for the
     Bernoulli likelihood, whose p is a probability; a density's would depend on the data's
-    scale: None) and the per-example arrays."""
+    scale: None) and the per-example arrays.
+
+    The report's ``latent`` section measures the latent code on x (``latent.latent_report``);
+    with the test labels ``y`` and a labelled training set ``x_train``, ``y_train`` it
+    includes the accuracy of a linear probe of the encoder means. A conditional model is
+    scored on log p(x|y) with the labels ``y`` (and ``y_train``) it reads."""
+    check_probe_data(model, x, *probe_data(model, y, x_train, y_train))  # before the scoring
     started = time.perf_counter()
-    scores = importance_weighted(model, x, num_samples, batch_size, chunk_size, seed)
+    scores = importance_weighted(model, x, num_samples, batch_size, chunk_size, seed, y)
     seconds = time.perf_counter() - started
     dims = int(np.prod(model.data_shape))
     log_px = mean_and_se(scores["log_px"])
@@ -170,5 +221,6 @@ def evaluate(model, x, num_samples=1000, batch_size=100, chunk_size=500, seed=0)
             else None
         ),
         "seconds": seconds,
+        "latent": latent_report(model, x, batch_size, seed, y, x_train, y_train),
     }
     return report, scores

@@ -171,8 +171,9 @@ def split_validation(x_train, fraction):
 @dataclass
 class Fitted:
     """What ``fit`` leaves for the report: the run directory (a scratch folder on a
-    non-chief worker), the evaluation copy of the test set and its labels, and whether
-    this call trained any epoch."""
+    non-chief worker), the evaluation copy of the test set and its labels, whether this
+    call trained any epoch, and the labelled training set (its evaluation copy) where the
+    data have labels."""
 
     model: VAE
     run_dir: Path
@@ -180,6 +181,8 @@ class Fitted:
     x_test: np.ndarray
     y_test: np.ndarray | None
     trained: bool
+    x_train: np.ndarray | None = None
+    y_train: np.ndarray | None = None
 
 
 def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
@@ -281,4 +284,6 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             callbacks=all_callbacks + list(callbacks),
             verbose=verbose,
         )
-    return Fitted(model, run_dir, chief, x_test, data.y_test, trained)
+    # The training set as the linear probe of the report reads it: binarized once, like x_test.
+    x_probe = None if data.y_train is None else evaluation_copy(config, data.x_train)
+    return Fitted(model, run_dir, chief, x_test, data.y_test, trained, x_probe, data.y_train)

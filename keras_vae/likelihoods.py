@@ -173,4 +173,3 @@ class GaussianLikelihood(Likelihood):
 
     def get_config(self):
         return {**super().get_config(), "sigma": self.sigma, "learn_sigma": self.learn_sigma}
-

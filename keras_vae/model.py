@@ -172,8 +172,9 @@ class VAE(keras.Model):
         if batch_size is not None:
             y = tf.ensure_shape(y, (None,) + tuple(want[1:]))
             same = tf.debugging.assert_equal(
-                tf.shape(y)[0], tf.cast(batch_size, tf.int32), message="keras_vae: x and y "
-                "have different batch sizes"
+                tf.shape(y)[0],
+                tf.cast(batch_size, tf.int32),
+                message="keras_vae: x and y have different batch sizes",
             )
             with tf.control_dependencies([same]):
                 y = tf.identity(y)
@@ -264,9 +265,7 @@ class VAE(keras.Model):
     def encode(self, x, training=False, y=None):
         """q_φ(z|x) (q_φ(z|x, y) for a conditional model) as a TFP distribution with batch
         shape [batch]."""
-        return self.posterior.distribution(
-            self.encode_params(self.validated(x), training, y=y)
-        )
+        return self.posterior.distribution(self.encode_params(self.validated(x), training, y=y))
 
     def decode(self, z, x=None, noise=None, training=False, y=None):
         """p_θ(x|z) for z of shape [..., d]; batch shape [...], event shape ``data_shape``.
@@ -368,10 +367,18 @@ class VAE(keras.Model):
     def _posterior_at(self, x):
         """q_φ(z|x) for inputs x [n, *data_shape]: what a prior built from the posterior
         (the VampPrior) reads."""
+        prior = type(self.prior).__name__
         if self.conditional:
             raise ValueError(
-                f"{type(self.prior).__name__} is built from the posterior q_φ(z|x), which a "
-                f"conditional model does not have without labels: use another prior."
+                f"{prior} is built from the posterior q_φ(z|x), which a conditional model "
+                f"does not have without labels: use another prior."
+            )
+        if not self.posterior.params_complete:
+            # Its density at z for K other examples' parameters would invert K flows per z.
+            raise ValueError(
+                f"{prior} is built from the posterior q_φ(z|x) and needs one that is a "
+                f"function of its parameters alone, not {type(self.posterior).__name__}: use "
+                f"another prior or posterior."
             )
         return self.posterior.distribution(self.posterior(self.encoder(x)))
 

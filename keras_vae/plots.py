@@ -1,4 +1,5 @@
-"""PNG figures of a run: loss curves, reconstructions, prior samples, the latent space.
+"""PNG figures of a run: loss curves, reconstructions, prior samples, the latent space,
+latent traversals and interpolations.
 
 Each figure is a standalone ``matplotlib.figure.Figure`` rendered straight to its file, so
 drawing needs no display, never touches ``pyplot`` and leaves the user's backend as it was.
@@ -7,6 +8,9 @@ drawing needs no display, never touches ``pyplot`` and leaves the user's backend
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import norm
+
+# The offsets t of a latent traversal μ + t·e_j, in the prior's standard deviations.
+TRAVERSAL_OFFSETS = np.linspace(-3, 3, 9)
 
 
 def _save(fig, path):
@@ -66,11 +70,11 @@ def reconstructions(x, x_hat, path, count=16):
     _save(fig, path)
 
 
-def samples(images, path, columns=8):
-    """E[x | z] for z ~ p(z)."""
+def samples(images, path, columns=8, title="samples from the prior"):
+    """E[x | z] for z ~ p(z), ``columns`` to a row."""
     fig = Figure(figsize=(columns * 0.8, len(images) / columns * 0.8 + 0.4))
     ax = fig.subplots()
-    _show(ax, images, columns, "samples from the prior")
+    _show(ax, images, columns, title)
     _save(fig, path)
 
 
@@ -106,3 +110,46 @@ def manifold(decode_mean, path, count=15):
     ax = fig.subplots()
     _show(ax, decode_mean(z), count, "decoded latent manifold")
     _save(fig, path)
+
+
+def latent_traversals(decode_mean, z, dims, path, offsets=TRAVERSAL_OFFSETS):
+    """E[x | z + t e_j]: one row per latent dimension j of ``dims`` (in that order), one
+    column per offset t of ``offsets``, all from the one latent point z (e.g. μ_φ(x))."""
+    z = np.asarray(z, "float32")
+    points = np.repeat(z[None, None], len(dims), 0).repeat(len(offsets), 1)
+    for row, j in enumerate(dims):
+        points[row, :, j] += offsets
+    fig = Figure(figsize=(len(offsets) * 0.8 + 0.6, len(dims) * 0.8 + 0.6))
+    ax = fig.subplots()
+    _show(ax, decode_mean(points.reshape(-1, len(z))), len(offsets), "latent traversals μ + t·e_j")
+    _label_cells(ax, [f"{t:+g}" for t in offsets], [f"z {j + 1}" for j in dims])
+    _save(fig, path)
+
+
+def interpolations(decode_mean, z_start, z_end, path, steps=10):
+    """E[x | z] along each segment z = (1 − α) z_start + α z_end, α = 0..1 in ``steps``
+    steps: one row per pair of latent points (z_start, z_end: [pairs, d])."""
+    alpha = np.linspace(0, 1, steps, dtype="float32")[None, :, None]
+    points = (1 - alpha) * np.float32(z_start)[:, None] + alpha * np.float32(z_end)[:, None]
+    fig = Figure(figsize=(steps * 0.8, len(points) * 0.8 + 0.4))
+    ax = fig.subplots()
+    _show(
+        ax,
+        decode_mean(points.reshape(-1, points.shape[-1])),
+        steps,
+        "interpolations (1 − α) z_a + α z_b",
+    )
+    _save(fig, path)
+
+
+def _label_cells(ax, column_labels, row_labels):
+    """Tick labels at the centres of the cells of a ``_tile`` grid drawn on ``ax``."""
+    ax.axis("on")
+    height, width = ax.get_images()[0].get_array().shape[:2]
+    cell_w = (width + 1) / len(column_labels)
+    cell_h = (height + 1) / len(row_labels)
+    ax.set_xticks((np.arange(len(column_labels)) + 0.5) * cell_w - 1, column_labels)
+    ax.set_yticks((np.arange(len(row_labels)) + 0.5) * cell_h - 1, row_labels)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)

@@ -16,7 +16,8 @@ A posterior is a Keras layer with:
 - ``analytic_kl``: whether KL(q ‖ p) has a closed form for the priors that have one;
 - ``params_complete``: whether q is a function of ``params`` alone (no weights of its own
   past the heads that make them), so that stopping ``params`` stops φ in log q(z|x), as
-  the DReG estimator needs.
+  the DReG estimator needs, and its density for a batch of other examples' ``params`` is
+  one broadcast evaluation, as the VampPrior needs.
 """
 
 import keras

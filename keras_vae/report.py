@@ -3,13 +3,19 @@ its SavedModel (export.json)."""
 
 import json
 
-from keras_vae import files, plots
+import numpy as np
+
+from keras_vae import files, latent, plots
 from keras_vae.evaluate import evaluate
 from keras_vae.export import export_model
 from keras_vae.rundir import checkpoint_state, load_checkpoint, read_history, run_checkpoint
 
 # K of the importance-weighted log p(x) in a run's final metrics.
 FINAL_EVAL_SAMPLES = 100
+# The latent traversals show the most active dimensions, at most this many.
+TRAVERSAL_DIMS = 8
+# The interpolations join test examples 1..n to n + 1..2n, n at most this many.
+INTERPOLATION_PAIRS = 4
 
 
 def finish(config, fitted):
@@ -20,7 +26,13 @@ def finish(config, fitted):
     checkpoint = run_checkpoint(run_dir)
     model = load_checkpoint(checkpoint)
     report, _ = evaluate(
-        model, fitted.x_test, num_samples=FINAL_EVAL_SAMPLES, seed=config.model.seed
+        model,
+        fitted.x_test,
+        num_samples=FINAL_EVAL_SAMPLES,
+        seed=config.model.seed,
+        y=fitted.y_test,
+        x_train=None if fitted.y_train is None else fitted.x_train,
+        y_train=fitted.y_train,
     )
     metrics = {
         "epochs_completed": checkpoint_state(run_dir / "checkpoints" / "last.keras")[
@@ -48,16 +60,42 @@ def finish(config, fitted):
 
 
 def write_plots(model, folder, history, x_test, y_test, seed=0):
-    """Every figure of a run into ``folder``; those of images only for (H, W, C) data."""
+    """Every figure of a run into ``folder``; those of images only for (H, W, C) data: the
+    traversals start from the first test example's E_q[z|x], along its most active
+    dimensions, and the interpolations join test examples 1..n to n + 1..2n. A conditional
+    model decodes them with the first test example's label, and draws samples class by
+    class (one row per class) where its labels are classes."""
     folder.mkdir(parents=True, exist_ok=True)
     plots.loss_curves(history, folder / "loss_curves.png")
-    z_mean = model.posterior.mean(model.encode_params(x_test)).numpy()
-    plots.latent_scatter(z_mean, y_test, folder / "latent.png")
+    y = y_test if model.conditional else None
+    z_mean = model.posterior.mean(model.encode_params(x_test, y=y)).numpy()
+    classes = y_test if y_test is not None and np.ndim(y_test) == 1 else None
+    plots.latent_scatter(z_mean, classes, folder / "latent.png")
     if len(model.data_shape) != 3:
         return
     plots.reconstructions(
-        x_test, model.reconstruct(x_test[:16]).numpy(), folder / "reconstructions.png"
+        x_test,
+        model.reconstruct(x_test[:16], None if y is None else y[:16]).numpy(),
+        folder / "reconstructions.png",
     )
-    plots.samples(model.sample(64, seed=seed).numpy(), folder / "samples.png")
+    if model.config.num_classes:
+        per_class = 8
+        labels = np.repeat(np.arange(model.config.num_classes), per_class)
+        images = model.sample(len(labels), seed=seed, labels=labels).numpy()
+        plots.samples(images, folder / "samples.png", per_class, "samples, one class a row")
+    elif not model.conditional:
+        plots.samples(model.sample(64, seed=seed).numpy(), folder / "samples.png")
+
+    def decode_mean(z):
+        label = None if y is None else np.repeat(y[:1], len(z), axis=0)
+        return model.decode(z, y=label).mean().numpy()
+
     if model.latent_dim == 2:
-        plots.manifold(lambda z: model.decode(z).mean().numpy(), folder / "manifold.png")
+        plots.manifold(decode_mean, folder / "manifold.png")
+    most_active = np.argsort(-latent.unit_activity(z_mean), kind="stable")[:TRAVERSAL_DIMS]
+    plots.latent_traversals(decode_mean, z_mean[0], most_active, folder / "traversals.png")
+    pairs = min(INTERPOLATION_PAIRS, len(z_mean) // 2)
+    if pairs:
+        plots.interpolations(
+            decode_mean, z_mean[:pairs], z_mean[pairs : 2 * pairs], folder / "interpolations.png"
+        )

@@ -1,6 +1,8 @@
 """Conditional VAEs: q(z|x, y) and p(x|z, y) on class labels or real vectors, against a
 linear-Gaussian model's closed form, through save/load, export and the data pipeline."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from helpers import make_vae
 from scipy.stats import multivariate_normal
 
 from keras_vae import data as datasets
+from keras_vae.cli import main
+from keras_vae.evaluate import evaluate, importance_weighted
 from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
 
 D, LATENT, CLASSES, SIGMA = 6, 2, 3, 0.5
@@ -199,3 +203,40 @@ def test_npz_labels_may_be_vectors_and_are_checked_per_example(tmp_path):
     np.savez(path, x_train=x, x_test=x, y_train=np.zeros((3,)))
     with pytest.raises(ValueError, match=r"y_train has shape \(3,\); expected one label"):
         datasets.load(f"npz:{path}")
+
+
+def test_evaluate_scores_log_p_x_given_y_in_closed_form(rng):
+    model, params = linear_gaussian(rng)
+    x, y = draws(rng, params, 30)
+    report, scores = evaluate(model, x, num_samples=20, batch_size=8, chunk_size=7, y=y)
+    np.testing.assert_allclose(scores["log_px"], closed_form(x, y, params), rtol=1e-4)
+    assert report["latent"]["probe_accuracy"] is None  # labels alone condition, no probe
+    with pytest.raises(ValueError, match="conditional: evaluating it needs the labels y"):
+        importance_weighted(model, x, 4)
+
+
+def test_a_conditional_run_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--hidden-units", "16", "--latent-dim", "2", "--batch-size", "256", "--quiet"]
+    argv = ["train", "--conditional", "--epochs", "1", "--run-dir", str(run)]
+    assert main([*argv, "--export-dir", str(tmp_path / "sm"), *common]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["conditional"] and config["model"]["num_classes"] == 10
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    model = keras.saving.load_model(run / "checkpoints" / "last.keras")
+    x, y = datasets.load_test_set(run / "test_set.npz")
+    _, scores = evaluate(model, x, 100, y=y)  # the run's own K and seed: the same figure
+    assert metrics["log_px"]["mean"] == pytest.approx(scores["log_px"].mean(), rel=1e-6)
+    assert 0 <= metrics["latent"]["probe_accuracy"] <= 1
+    assert main(["evaluate", str(run), "--k", "3", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["num_examples"] == len(x)
+    assert (run / "plots" / "samples.png").is_file()
+    served = tf.saved_model.load(str(tmp_path / "sm" / "vae" / "1"))
+    assert set(served.signatures["sample"].structured_input_signature[1]) == {"seed", "y"}
+    images = tmp_path / "per_class.npy"
+    assert (
+        main(["sample", str(run), "--n", "20", "--label", "3", "7", "--output", str(images)]) == 0
+    )
+    assert np.load(images).shape == (20, 8, 8, 1)
+    assert main(["sample", str(run), "--output", str(images)]) == 2
+    assert "give --label" in capsys.readouterr().err

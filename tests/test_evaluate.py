@@ -1,14 +1,22 @@
 """Importance-weighted evaluation and the IWAE objective, proven on probabilistic PCA."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from helpers import make_vae
-from test_math import LATENT, SIGMA, D, ppca, ppca_log_px, ppca_vae
+from scipy.special import logsumexp
+from test_math import LATENT, SIGMA, D, ppca, ppca_data, ppca_log_px, ppca_vae
 
 from keras_vae.cli import load_run_or_model, main
-from keras_vae.evaluate import evaluate, importance_weighted, k_ladder
+from keras_vae.evaluate import (
+    SE_BATCHES,
+    _Accumulator,
+    evaluate,
+    importance_weighted,
+    k_ladder,
+)
 from keras_vae.model import VAE
 
 
@@ -94,6 +102,73 @@ def test_chunking_gives_the_same_numbers(ppca_case):
     np.testing.assert_array_equal(again["log_px"], chunked["log_px"])
 
 
+def jackknife_se(log_w, batches):
+    """√((B − 1)/B Σ_b (L₋b − L̄)²) for L₋b = log of the mean of exp(log_w) [K, n] over the
+    draws k outside batch b (k mod B ≠ b), each computed from its own draws."""
+    batch_of = np.arange(len(log_w)) % batches
+    left_out = np.stack(
+        [
+            logsumexp(log_w[batch_of != b], axis=0) - np.log(np.sum(batch_of != b))
+            for b in range(batches)
+        ]
+    )
+    return np.sqrt((batches - 1) / batches * np.sum((left_out - left_out.mean(0)) ** 2, axis=0))
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 57, 400])
+def test_log_px_se_is_the_jackknife_over_batches_of_draws(num_samples):
+    # Heavy-tailed log weights: a few draws dominate the sum.
+    log_w = 3 * np.random.default_rng(4).standard_normal(size=(num_samples, 3)) ** 2
+    for chunk in (num_samples, 10):
+        acc = _Accumulator(3, num_samples)
+        for start in range(0, num_samples, chunk):
+            acc.add(log_w[start : start + chunk], np.zeros_like(log_w[start : start + chunk]))
+        np.testing.assert_allclose(
+            acc.log_px(), logsumexp(log_w, axis=0) - np.log(num_samples), rtol=1e-12
+        )
+        if num_samples == 1:
+            assert np.all(np.isnan(acc.log_px_se()))  # one draw: no spread to measure
+        else:
+            expected = jackknife_se(log_w, min(SE_BATCHES, num_samples))
+            np.testing.assert_allclose(acc.log_px_se(), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variance_scale", [0.1, 1.5])
+def test_log_px_se_matches_the_spread_of_independent_repeats(variance_scale):
+    """pPCA with q(z|x) the exact posterior, its variances times ``variance_scale``: at 0.1
+    the weights w = p(x) p(z|x) / q(z|x) have infinite variance (heavy-tailed), at 1.5 they
+    are bounded. The estimate of every example is then distributed alike, so the mean of the
+    reported SE² over examples and repeats must match the variance of the repeats."""
+    rng = np.random.default_rng(3)
+    w, b = ppca(rng)
+    x = ppca_data(rng, w, b, 100).astype("float32")
+    model = ppca_vae(w, b)
+    kernel, bias = model.posterior.z_log_var_head.get_weights()
+    model.posterior.z_log_var_head.set_weights([kernel, bias + np.log(variance_scale)])
+    k, repeats = 100, 8
+    runs = [importance_weighted(model, x, k, seed=s) for s in range(repeats)]
+    estimates = np.stack([run["log_px"] for run in runs])
+    se = np.stack([run["log_px_se"] for run in runs])
+    spread = estimates.var(axis=0, ddof=1).mean()
+    # The delta method √(Var(w) / (K w̄²)) on independent draws of the same estimator.
+    delta_var = []
+    for s in range(repeats):
+        log_px_z, log_pz, log_qz, _ = model.log_weights(x, k, seed=100 + s)
+        log_w = np.float64(log_px_z + log_pz - log_qz)
+        relative = np.exp(logsumexp(2 * log_w, axis=0) - 2 * logsumexp(log_w, axis=0))
+        delta_var.append((k * relative - 1) / k)
+    jackknife_ratio, delta_ratio = np.mean(se**2) / spread, np.mean(delta_var) / spread
+    # 800 estimates: the ratios' own sampling error is about 10%.
+    assert 0.75 < jackknife_ratio < 1.33, jackknife_ratio
+    if variance_scale < 0.5:
+        assert delta_ratio < 0.6, delta_ratio  # the delta method understates the error
+    else:
+        assert 0.75 < delta_ratio < 1.33, delta_ratio
+        # Light tails: repeats differ by less than 3·√2 SE about as often as normal (0.997).
+        within = np.abs(estimates[::2] - estimates[1::2]) <= 3 * np.sqrt(2) * se[::2]
+        assert within.mean() > 0.98, within.mean()
+
+
 def test_report_in_nats_and_bits_per_dim(ppca_case):
     model, x, _exact = ppca_case
     report, scores = evaluate(model, x, num_samples=100)
@@ -170,8 +245,18 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(run_dir, tmp_path
     from keras_vae.data import load
     from keras_vae.fitting import evaluation_copy
 
-    x = evaluation_copy(config, load("digits").x_test)[:50]
-    in_memory, _ = evaluate(model, x, num_samples=20, seed=1)
+    digits = load("digits")
+    x = evaluation_copy(config, digits.x_test)[:50]
+    # The digits have labels: the command fits the linear probe to the training set's.
+    in_memory, _ = evaluate(
+        model,
+        x,
+        num_samples=20,
+        seed=1,
+        y=digits.y_test[:50],
+        x_train=evaluation_copy(config, digits.x_train),
+        y_train=digits.y_train,
+    )
     reports = []
     # A checkpoint outside its run needs the data named; inside, the run's test set is used.
     elsewhere = tmp_path / "model.keras"
@@ -202,7 +287,32 @@ def test_evaluate_is_the_same_on_memory_keras_file_and_run_dir(run_dir, tmp_path
         assert report["test_set_sha256"] == in_memory["test_set_sha256"]
         for key in ("elbo", "log_px", "gap"):
             assert report[key]["mean"] == pytest.approx(in_memory[key]["mean"], rel=1e-6)
+        got, expected = report["latent"], in_memory["latent"]
+        assert got["probe_accuracy"] == expected["probe_accuracy"]
+        assert got["active_units"] == expected["active_units"]
+        for key in ("kl_per_dimension", "activity"):
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-6)
+        assert got["mutual_information"] == pytest.approx(expected["mutual_information"], 1e-6)
     assert np.load(tmp_path / "scores.npz")["log_px"].shape == (50,)
+
+
+def test_cli_evaluate_probes_only_with_labelled_training_data(run_dir, tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(20, 8, 8, 1)).astype("float32")
+    labels = np.arange(20) % 2
+    # Test labels but no training labels: no probe.
+    np.savez(tmp_path / "d.npz", x_train=x, x_test=x, y_test=labels)
+    assert main(["evaluate", str(run_dir), "--data", f"npz:{tmp_path / 'd.npz'}", "--k", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["latent"]["probe_accuracy"] is None
+    # A run whose training data is gone is scored on its saved test set, without the probe.
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["data"] = f"npz:{tmp_path / 'gone.npz'}"
+    (moved / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(moved), "--k", "2", "--limit", "10"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["latent"]["probe_accuracy"] is None
+    assert "keras-vae: note: no linear probe: the training data of 'npz:" in captured.err
 
 
 def test_cli_evaluate_names_bad_input(run_dir, tmp_path, capsys):

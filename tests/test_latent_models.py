@@ -227,3 +227,10 @@ def test_each_piece_trains_saves_loads_and_serves_the_same_numbers(settings, tmp
     np.testing.assert_allclose(
         sampled["mean"].numpy(), model.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_vamp_prior_refuses_a_flow_posterior(rng):
+    model = small(prior="vamp", posterior="iaf", num_components=3)
+    x = (rng.uniform(size=(2, *SHAPE)) > 0.5).astype("float32")
+    with pytest.raises(ValueError, match="needs one that is a function of its parameters alone"):
+        model.score(x, 2, seed=1)

@@ -65,6 +65,9 @@ def test_import_and_drawing_keep_the_backend_and_never_load_pyplot(tmp_path):
         plots.latent_scatter(np.random.default_rng(0).normal(size=(30, 3)), np.arange(30) % 10,
                              out / "latent.png")
         plots.manifold(lambda z: np.ones((len(z), 4, 4, 1)), out / "manifold.png", count=5)
+        decode = lambda z: np.ones((len(z), 4, 4, 1))
+        plots.latent_traversals(decode, np.zeros(3), [2, 0], out / "traversals.png")
+        plots.interpolations(decode, np.zeros((2, 3)), np.ones((2, 3)), out / "interpolations.png")
         facts["pyplot after drawing"] = "matplotlib.pyplot" in sys.modules
         facts["keras loaded"] = "keras" in sys.modules  # Keras itself imports pyplot
         import matplotlib
@@ -83,7 +86,15 @@ def test_import_and_drawing_keep_the_backend_and_never_load_pyplot(tmp_path):
     facts = json.loads(result.stdout.splitlines()[-1])
     assert facts["backend"] == "svg", facts
     assert not facts["pyplot after import"] and not facts["pyplot after drawing"], facts
-    for name in ("loss", "reconstructions", "samples", "latent", "manifold"):
+    for name in (
+        "loss",
+        "reconstructions",
+        "samples",
+        "latent",
+        "manifold",
+        "traversals",
+        "interpolations",
+    ):
         read_png(tmp_path / f"{name}.png")
 
 
@@ -193,3 +204,52 @@ def test_latent_scatter_draws_any_number_of_latent_units(dims, tmp_path):
     z_mean = np.random.default_rng(0).normal(size=(50, dims))
     plots.latent_scatter(z_mean, np.arange(50) % 10, tmp_path / "latent.png")
     assert (tmp_path / "latent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_latent_traversals_move_one_dimension_per_row(tmp_path):
+    z, dims, seen = np.array([0.5, -1.0, 2.0]), [2, 0], []
+
+    def decode_mean(points):
+        seen.append(points)
+        # Black where the point lies above z in its moved coordinate: the right half.
+        return (
+            np.broadcast_to(
+                (points.sum(1) > z.sum() + 1e-6)[:, None, None, None], (len(points), 5, 5, 1)
+            )
+            * 1.0
+        )
+
+    plots.latent_traversals(decode_mean, z, dims, tmp_path / "traversals.png")
+    (points,) = seen
+    offsets = plots.TRAVERSAL_OFFSETS
+    assert points.dtype == np.float32 and points.shape == (len(dims) * len(offsets), 3)
+    for row, j in enumerate(dims):  # row by row, the offsets t along each row
+        for col, t in enumerate(offsets):
+            expected = z.copy()
+            expected[j] += t
+            np.testing.assert_allclose(points[row * len(offsets) + col], expected, rtol=1e-6)
+    dark = darkness(read_png(tmp_path / "traversals.png")) > 0.8
+    left, right = np.array_split(dark, 2, axis=1)
+    assert right.mean() > 0.2 and left.mean() < 0.05, (left.mean(), right.mean())
+
+
+def test_interpolations_decode_the_segments_between_pairs(tmp_path):
+    start, end, seen = np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[2.0, 0.0], [1.0, 3.0]]), []
+
+    def decode_mean(points):
+        seen.append(points)
+        # Black in the second half of each segment (α > ½): the right of the figure.
+        alpha = np.concatenate([points[:5, 0] / 2, (points[5:, 1] - 1) / 2])
+        return np.broadcast_to((alpha > 0.5)[:, None, None, None], (len(points), 5, 5, 1)) * 1.0
+
+    plots.interpolations(decode_mean, start, end, tmp_path / "interpolations.png", steps=5)
+    (points,) = seen
+    assert points.dtype == np.float32 and points.shape == (10, 2)
+    for pair in range(2):
+        for step, alpha in enumerate(np.linspace(0, 1, 5)):
+            np.testing.assert_allclose(
+                points[pair * 5 + step], (1 - alpha) * start[pair] + alpha * end[pair], rtol=1e-6
+            )
+    dark = darkness(read_png(tmp_path / "interpolations.png")) > 0.8
+    left, right = np.array_split(dark, 2, axis=1)
+    assert right.mean() > 0.2 and left.mean() < 0.05, (left.mean(), right.mean())

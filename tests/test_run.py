@@ -33,7 +33,15 @@ def test_cli_train_on_digits_writes_every_artefact(tmp_path, capsys):
         "checkpoints/last.keras",
     ):
         assert (run_dir / name).is_file(), name
-    for plot in ("loss_curves", "reconstructions", "samples", "latent", "manifold"):
+    for plot in (
+        "loss_curves",
+        "reconstructions",
+        "samples",
+        "latent",
+        "manifold",
+        "traversals",
+        "interpolations",
+    ):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000, plot
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     with open(run_dir / "history.csv") as f:
