@@ -213,8 +213,10 @@ def _cmd_sample(args):
             raise ValueError(
                 f"the model is conditional on {model.config.num_classes} classes: give --label"
             )
-        # The labels repeat over the rows: --label 0 1 2 gives rows of class 0, 1, 2, 0, …
-        labels = np.resize(np.asarray(args.label, "int64"), args.n)
+        # n/len(labels) samples of each label in turn: --n 80 --label 0 … 9 puts one class
+        # in each row of the 8-wide grid.
+        per_label = -(-args.n // len(args.label))
+        labels = np.repeat(np.asarray(args.label, "int64"), per_label)[: args.n]
         model.check_labels(labels)
     elif model.conditional:
         raise ValueError("the model is conditional on label vectors: sample it from Python")
@@ -279,7 +281,7 @@ def build_parser():
         "--label",
         type=int,
         nargs="+",
-        help="a class-conditional model's classes, repeated over the rows",
+        help="a class-conditional model's classes: n/len(labels) samples of each, in turn",
     )
     sample.set_defaults(func=_cmd_sample)
     return parser

@@ -107,3 +107,26 @@ def json_server(respond):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def rest_stand_in(signatures):
+    """A ``json_server`` reply function that answers TF Serving's REST predict requests
+    (row or columnar format) with the SavedModel ``signatures``."""
+    import tensorflow as tf
+
+    def respond(path, headers, body):
+        fn = signatures[body["signature_name"]]
+        if "instances" in body:  # row format: one dict of inputs per row
+            names = list(body["instances"][0])
+            inputs = {n: [row[n] for row in body["instances"]] for n in names}
+        else:
+            inputs = body["inputs"]
+        arg_specs = fn.structured_input_signature[1]
+        outputs = fn(**{n: tf.constant(v, arg_specs[n].dtype) for n, v in inputs.items()})
+        outputs = {k: v.numpy().tolist() for k, v in outputs.items()}
+        if "instances" not in body:
+            return {"outputs": outputs}
+        rows = len(next(iter(outputs.values())))
+        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(rows)]}
+
+    return respond

@@ -7,10 +7,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import make_vae
+from helpers import json_server, make_vae, rest_stand_in
 from scipy.stats import multivariate_normal
 
 from keras_vae import data as datasets
+from keras_vae import serving
 from keras_vae.cli import main
 from keras_vae.evaluate import evaluate, importance_weighted
 from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
@@ -151,6 +152,17 @@ def test_fit_on_x_and_labels_then_save_load_and_serve_the_same_numbers(rng, tmp_
         sampled["mean"].numpy(), model.decode(same_z, y=[0, 1, 2]).mean().numpy(), rtol=1e-5
     )
     assert np.abs(sampled["mean"].numpy()[0] - sampled["mean"].numpy()[1]).max() > 1e-4
+    # The serving client sends the labels as one more input, in either REST format.
+    with json_server(rest_stand_in(served.signatures)) as base:
+        url = f"{base}/v1/models/cvae:predict"
+        rows = serving.predict_rest(url, "sample", {"seed": [7, 7, 7], "y": [0, 1, 2]})
+        columns = serving.predict_rest(
+            url, "score", {"x": x[:5], "y": y[:5]}, row_format=False, timeout=20
+        )
+    np.testing.assert_allclose(rows["mean"], sampled["mean"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(columns["log_px"], scored["log_px"].numpy(), rtol=1e-6)
+    request = serving.grpc_request("cvae", "score", {"x": x[:2], "y": y[:2]})
+    assert tf.make_ndarray(request.inputs["y"]).dtype == np.int64
 
 
 def test_a_model_conditional_on_vectors_reads_them_as_they_are(rng):
@@ -238,5 +250,9 @@ def test_a_conditional_run_from_the_command_line(tmp_path, capsys):
         main(["sample", str(run), "--n", "20", "--label", "3", "7", "--output", str(images)]) == 0
     )
     assert np.load(images).shape == (20, 8, 8, 1)
+    labels = np.repeat([3, 7], 10)  # ten of each label, in turn (one epoch: best is last)
+    np.testing.assert_allclose(
+        np.load(images), model.sample(20, seed=0, labels=labels).numpy(), rtol=1e-6
+    )
     assert main(["sample", str(run), "--output", str(images)]) == 2
     assert "give --label" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from helpers import json_server, make_vae, posterior_params
+from helpers import json_server, make_vae, posterior_params, rest_stand_in
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -349,23 +349,7 @@ def test_rest_client_end_to_end_on_loopback(exported, digits):
     """``predict_rest`` against a stand-in for TF Serving's REST predict API."""
     model, path = exported
     signatures = tf.saved_model.load(str(path)).signatures
-
-    def respond(path, headers, body):
-        fn = signatures[body["signature_name"]]
-        if "instances" in body:  # row format: one dict of inputs per row
-            names = list(body["instances"][0])
-            inputs = {n: [row[n] for row in body["instances"]] for n in names}
-        else:
-            inputs = body["inputs"]
-        arg_specs = fn.structured_input_signature[1]
-        outputs = fn(**{n: tf.constant(v, arg_specs[n].dtype) for n, v in inputs.items()})
-        outputs = {k: v.numpy().tolist() for k, v in outputs.items()}
-        if "instances" not in body:
-            return {"outputs": outputs}
-        rows = len(next(iter(outputs.values())))
-        return {"predictions": [{k: v[i] for k, v in outputs.items()} for i in range(rows)]}
-
-    with json_server(respond) as base:
+    with json_server(rest_stand_in(signatures)) as base:
         url = f"{base}/v1/models/digits:predict"
         rows = serving.predict_rest(url, "encode", {"x": digits[:3]}, timeout=20)
         columns = serving.predict_rest(
