@@ -149,17 +149,15 @@ def _cmd_evaluate(args):
         )
         model.check_data(data.x_test)  # before binarizing, which would hide NaN and range
         x, y = evaluation_copy(config, data.x_test), data.y_test
-    x = x[: args.limit]
+    x, y = x[: args.limit], None if y is None else y[: args.limit]
     probe = {}
     if y is not None and data is not None and data.y_train is not None:
         model.check_data(data.x_train)  # before binarizing, as the test set
-        probe = {
-            "y": y[: args.limit],
-            "x_train": evaluation_copy(config, data.x_train),
-            "y_train": data.y_train,
-        }
+        probe = {"x_train": evaluation_copy(config, data.x_train), "y_train": data.y_train}
+    # The labels condition a conditional model, and are the probe's targets where it has one.
+    labels = y if (probe or model.conditional) else None
     report, scores = evaluate(
-        model, x, args.k, args.batch_size, args.chunk_size, args.seed, **probe
+        model, x, args.k, args.batch_size, args.chunk_size, args.seed, y=labels, **probe
     )
     report["data"] = config.data.data
     text = json.dumps(report, indent=2)

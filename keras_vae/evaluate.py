@@ -5,8 +5,8 @@ For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x
     ELBO(x)    = (1/K) Σ_k log p_θ(x|z_k) − KL(q_φ(z|x) ‖ p(z))   (KL in closed form, or
                  (1/K) Σ_k log q_φ(z_k|x) − log p(z_k) where it has none)
     gap(x)     = log p̂_K(x) − ELBO(x)     (estimates KL(q_φ(z|x) ‖ p_θ(z|x)))
-The standard error of log p̂_K(x) is the jackknife's over B batches of the K draws: it follows
-the log's curvature and the weights' tails, which the delta method √(Var(w) / (K w̄²)) does not.
+The standard error of log p̂_K(x) is a delete-a-batch jackknife over B batches of the K draws
+(draw k in batch k mod B), computed on log p̂ itself.
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
 ``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, seeded by
 (seed, batch index, draw index): the same call gives the same numbers, however chunked.
@@ -20,7 +20,7 @@ import tensorflow as tf
 from scipy.special import logsumexp
 
 from keras_vae import data as datasets
-from keras_vae.latent import check_probe_data, latent_report, probe_data
+from keras_vae.latent import latent_report
 from keras_vae.likelihoods import BernoulliLikelihood
 
 # B, the batches of draws of the jackknife standard error of log p̂_K (B = K when K < B).
@@ -201,7 +201,9 @@ def evaluate(
     with the test labels ``y`` and a labelled training set ``x_train``, ``y_train`` it
     includes the accuracy of a linear probe of the encoder means. A conditional model is
     scored on log p(x|y) with the labels ``y`` (and ``y_train``) it reads."""
-    check_probe_data(model, x, *probe_data(model, y, x_train, y_train))  # before the scoring
+    model.check_data(x)
+    # The latent measures (and their checks of the labels) before the long scoring.
+    measures = latent_report(model, x, batch_size, seed, y, x_train, y_train)
     started = time.perf_counter()
     scores = importance_weighted(model, x, num_samples, batch_size, chunk_size, seed, y)
     seconds = time.perf_counter() - started
@@ -221,6 +223,6 @@ def evaluate(
             else None
         ),
         "seconds": seconds,
-        "latent": latent_report(model, x, batch_size, seed, y, x_train, y_train),
+        "latent": measures,
     }
     return report, scores

@@ -60,13 +60,15 @@ def with_condition(config, data):
     integer labels [N], condition_dim = C of real vectors [N, C]. Raises ValueError if a
     conditional model's data have no labels."""
     model = config.model
-    if not model.conditional or model.num_classes or model.condition_dim:
+    if not model.conditional:
         return config
     if data.y_train is None or data.y_test is None:
         raise ValueError(
             f"a conditional model needs labels, and data {config.data.data!r} has none "
             f"(npz: y_train and y_test; images: sub-folders)"
         )
+    if model.num_classes or model.condition_dim:
+        return config
     y = np.concatenate([data.y_train, data.y_test])
     if y.ndim == 2:
         settings = {"condition_dim": int(y.shape[1])}

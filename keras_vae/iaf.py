@@ -160,16 +160,20 @@ class IAFPosterior(keras.layers.Layer):
         )
 
     def sample(self, params, num_samples, seed=None, epsilon=None):
+        """z_T [K, batch, d]: the flow of the Gaussian's draws z_0 = μ + σ ⊙ ε."""
         return self.bijector(params).forward(
             self.gaussian.sample(params, num_samples, seed=seed, epsilon=epsilon)
         )
 
     def sample_and_log_prob(self, params, num_samples, seed=None, epsilon=None):
+        """(z_T, log q_φ(z_T|x)) with log q = log N(z_0; μ, diag σ²) − log |det ∂z_T/∂z_0|,
+        one network pass per step."""
         z0, log_q0 = self.gaussian.sample_and_log_prob(params, num_samples, seed, epsilon)
         flow = self.bijector(params)
         return flow.forward(z0), log_q0 - flow.forward_log_det_jacobian(z0, event_ndims=1)
 
     def mean(self, params):
+        """The flow of μ (z_T at ε = 0): the point the model reconstructs x at."""
         return self.bijector(params).forward(params["z_mean"])
 
     def marginals(self, params):

@@ -27,12 +27,6 @@ PROBE_EXAMPLES = 10_000
 MI_BLOCK_ELEMENTS = 2**23
 
 
-def prior_marginals(model):
-    """The factors p(z_j) of the model's prior as one distribution of batch shape [d], or
-    None when p(z) does not factorize."""
-    return model.prior.marginals()
-
-
 def encode_all(model, x, batch_size=100, y=None):
     """The parameters of q_φ(z|x_n) (q_φ(z|x_n, y_n) for a conditional model and labels y)
     for every example: {name: float32 array [N, …]}."""
@@ -44,6 +38,7 @@ def encode_all(model, x, batch_size=100, y=None):
 
 
 def _tensors(params):
+    """The parameter arrays as float32 tensors, by name."""
     return {key: tf.constant(value) for key, value in params.items()}
 
 
@@ -51,7 +46,7 @@ def kl_per_dimension(model, params):
     """(1/N) Σ_n KL(q_φ(z_j|x_n) ‖ p(z_j)) for j = 1..d ([d] array, nats) from the
     posterior parameters of N examples; None unless q_φ(z|x) and p(z) both factorize."""
     posterior = model.posterior.marginals(_tensors(params))
-    prior = prior_marginals(model)
+    prior = model.prior.marginals()
     if posterior is None or prior is None:
         return None
     return np.float64(tf.reduce_mean(tfd.kl_divergence(posterior, prior), axis=0))
@@ -134,11 +129,9 @@ def check_probe_data(model, x, y=None, x_train=None, y_train=None):
     if len(classes) < 2:
         raise ValueError(f"the linear probe needs 2 or more classes in y_train; got {classes}")
     model.check_data(x_train)
-
-
-def conditioning(model, y):
-    """The labels a model conditions on: y for a conditional model, else None."""
-    return y if model.conditional else None
+    if model.conditional:  # its encoder reads the probe's labels too
+        model.check_labels(y)
+        model.check_labels(y_train)
 
 
 def probe_data(model, y, x_train, y_train):
@@ -161,7 +154,7 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
     probe_y, x_train, y_train = probe_data(model, y, x_train, y_train)
     check_probe_data(model, x, probe_y, x_train, y_train)
     x = np.asarray(x, "float32")
-    params = encode_all(model, x, batch_size, conditioning(model, y))
+    params = encode_all(model, x, batch_size, y if model.conditional else None)
     z_mean = np.asarray(model.posterior.mean(_tensors(params)))
     activity = unit_activity(z_mean)
     kl = kl_per_dimension(model, params)
@@ -174,7 +167,9 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
                 np.random.default_rng(seed).choice(len(x_train), PROBE_EXAMPLES, replace=False)
             )
             x_train, y_train = x_train[keep], y_train[keep]
-        train_params = encode_all(model, x_train, batch_size, conditioning(model, y_train))
+        train_params = encode_all(
+            model, x_train, batch_size, y_train if model.conditional else None
+        )
         z_train = np.asarray(model.posterior.mean(_tensors(train_params)))
         probe = probe_accuracy(z_train, y_train, z_mean, np.asarray(y))
     return {
@@ -182,6 +177,9 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
         "activity": activity.tolist(),
         "active_units": int(np.sum(activity > ACTIVE_UNIT_THRESHOLD)),
         "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
-        "mutual_information": mutual_information(model, params, seed),
+        # A flow's density at other examples' z would invert it for each: not estimated.
+        "mutual_information": (
+            mutual_information(model, params, seed) if model.posterior.params_complete else None
+        ),
         "probe_accuracy": probe,
     }

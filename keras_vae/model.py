@@ -27,12 +27,15 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(VAEConfig))
 
 @keras.saving.register_keras_serializable(package="keras_vae")
 class VAE(keras.Model):
-    """A VAE trained with ``model.fit`` on batches of x (labels, if present, are ignored).
+    """A VAE trained with ``model.fit`` on batches of x, or of (x, y) for a conditional
+    model (an unconditional one ignores labels).
 
     Args:
         encoder: any Keras layer or model x → features; the posterior's heads (μ_φ(x),
-            log σ²_φ(x) for the diagonal Gaussian) sit on top of it.
-        decoder: any Keras layer or model z [n, d] → the likelihood's parameters
+            log σ²_φ(x) for the diagonal Gaussian) sit on top of it (on the features and
+            c(y), side by side, for a conditional model).
+        decoder: any Keras layer or model z [n, d] (a conditional model's: [z, c(y)],
+            [n, d + C]) → the likelihood's parameters
             [n, *data_shape] (Bernoulli logits, the Gaussian mean); or an autoregressive
             decoder (``autoregressive = True``, ``call(z, x)``, ``draw(z, noise)``; see
             ``keras_vae.networks``). ``keras_vae.networks.build`` makes the named families.
@@ -43,8 +46,8 @@ class VAE(keras.Model):
             learn_sigma="shared")``; a prior such as ``priors.StandardNormal()``; a posterior
             such as ``posteriors.DiagonalGaussian(seed=0)``).
         config: a ``VAEConfig``; ``**settings`` override its fields (latent_dim, beta,
-            kl_warmup_steps, kl, objective, num_samples, gradient_estimator, seed,
-            check_inputs, each documented there). Other keyword arguments go to
+            kl_warmup_steps, kl, free_bits, objective, num_samples, gradient_estimator,
+            num_classes, condition_dim, seed, check_inputs, each documented there). Other keyword arguments go to
             ``keras.Model`` (``name``, ``dtype``: the dtype policy of the posterior's heads,
             e.g. ``"mixed_bfloat16"``; sampling, distributions and losses are float32).
     """
@@ -76,10 +79,26 @@ class VAE(keras.Model):
                 f"an autoregressive decoder draws binary data: it needs likelihood="
                 f"'bernoulli', got {self.likelihood.name!r}."
             )
-        if self.config.gradient_estimator == "dreg" and not self.posterior.params_complete:
+        prior, posterior = type(self.prior).__name__, type(self.posterior).__name__
+        if self.config.gradient_estimator == "dreg" and not (
+            self.posterior.params_complete and not self.prior.reads_posterior
+        ):
             raise ValueError(
-                f"gradient_estimator 'dreg' stops q's parameters in log q(z|x): "
-                f"{type(self.posterior).__name__} has weights beyond its parameters."
+                f"gradient_estimator 'dreg' takes φ's gradient through z alone: it needs a "
+                f"posterior that is a function of its parameters and a prior that does not "
+                f"read q_φ; got {posterior} and {prior}."
+            )
+        if self.prior.reads_posterior and self.conditional:
+            raise ValueError(
+                f"{prior} is built from the posterior q_φ(z|x), which a conditional model "
+                f"does not have without labels: use another prior."
+            )
+        if self.prior.reads_posterior and not self.posterior.params_complete:
+            # Its density at z for K other examples' parameters would invert K flows per z.
+            raise ValueError(
+                f"{prior} is built from the posterior q_φ(z|x) and needs one that is a "
+                f"function of its parameters alone, not {posterior}: use another prior or "
+                f"posterior."
             )
         if self.config.kl == "analytic" and not self.has_analytic_kl:
             raise ValueError(
@@ -367,19 +386,6 @@ class VAE(keras.Model):
     def _posterior_at(self, x):
         """q_φ(z|x) for inputs x [n, *data_shape]: what a prior built from the posterior
         (the VampPrior) reads."""
-        prior = type(self.prior).__name__
-        if self.conditional:
-            raise ValueError(
-                f"{prior} is built from the posterior q_φ(z|x), which a conditional model "
-                f"does not have without labels: use another prior."
-            )
-        if not self.posterior.params_complete:
-            # Its density at z for K other examples' parameters would invert K flows per z.
-            raise ValueError(
-                f"{prior} is built from the posterior q_φ(z|x) and needs one that is a "
-                f"function of its parameters alone, not {type(self.posterior).__name__}: use "
-                f"another prior or posterior."
-            )
         return self.posterior.distribution(self.posterior(self.encoder(x)))
 
     def _kl_term(self, draws):
@@ -389,12 +395,14 @@ class VAE(keras.Model):
             return draws["kl"]
         return ops.mean(draws["log_qz"] - draws["log_pz"], axis=0)
 
-    def free_bits_kl(self, draws, kl):
+    def _free_bits_kl(self, draws, kl):
         """The KL term of the training loss under free bits (Kingma et al., 2016) with
         λ = ``free_bits``, per example, whose mean over the batch is Σ_j max(λ, K̄_j): K̄_j
         the batch mean of KL(q(z_j|x) ‖ p(z_j)) per latent dimension j, where q and p
         factorize over j, else one group, the whole z, with max(λ·d, K̄). A group below
-        its floor adds the constant floor and no gradient."""
+        its floor adds the constant floor and no gradient. Per dimension the KL is the
+        closed form, whatever the ``kl`` estimator; under a ``tf.distribute`` strategy K̄_j
+        is each replica's batch mean."""
         floor = self.config.free_bits
         q = self.posterior.marginals(draws["params"])
         p = self.prior.marginals()
@@ -429,7 +437,7 @@ class VAE(keras.Model):
         reconstruction_loss = -ops.mean(log_px_z, axis=0)
         kl_loss = self._kl_term(draws)
         if config.objective == "elbo":
-            kl_objective = kl_loss if config.free_bits == 0 else self.free_bits_kl(draws, kl_loss)
+            kl_objective = kl_loss if config.free_bits == 0 else self._free_bits_kl(draws, kl_loss)
             loss = reconstruction_loss + beta * kl_objective
         else:
             log_w = log_px_z + beta * (draws["log_pz"] - draws["log_qz"])

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy.stats import norm
 
-# The offsets t of a latent traversal μ + t·e_j, in the prior's standard deviations.
+# The offsets t of a latent traversal μ + t·e_j (units of z: N(0, I)'s standard deviations).
 TRAVERSAL_OFFSETS = np.linspace(-3, 3, 9)
 
 

@@ -7,6 +7,7 @@ A prior is a Keras layer (so that a learned prior's weights are tracked and save
   [n, *data_shape] to q_φ(z|x) (batch shape [n]), for priors built from the posterior;
 - ``marginals()``: the factors p(z_j) as one TFP distribution with batch shape [d] when
   p(z) = Π_j p(z_j), else None (per-dimension KL and free bits need them);
+- ``reads_posterior``: whether p is built from q_φ (so that φ reaches log p(z) directly);
 - ``analytic_kl``: whether KL(q_φ(z|x) ‖ p(z)) has a closed form (``tfd.kl_divergence``)
   for the model's posterior; where it has none the model estimates it by Monte Carlo.
 """
@@ -23,6 +24,7 @@ class StandardNormal(keras.layers.Layer):
     """p(z) = N(0, I)."""
 
     analytic_kl = True
+    reads_posterior = False
 
     def __init__(self, name="prior", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -31,6 +33,7 @@ class StandardNormal(keras.layers.Layer):
         self.latent_dim = int(latent_shape[-1])
 
     def distribution(self, posterior_at=None):
+        """N(0, I) over z ∈ R^d."""
         return tfd.MultivariateNormalDiag(loc=ops.zeros((self.latent_dim,), "float32"))
 
     def marginals(self):
@@ -43,6 +46,7 @@ class GaussianMixture(keras.layers.Layer):
     means m_k (initialised N(0, I), seeded) and scales s_k (initialised 1)."""
 
     analytic_kl = False
+    reads_posterior = False
 
     def __init__(self, num_components=10, seed=None, name="prior", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -67,6 +71,7 @@ class GaussianMixture(keras.layers.Layer):
         )
 
     def distribution(self, posterior_at=None):
+        """Σ_k softmax(a)_k N(m_k, diag exp(2 log s_k)) over z ∈ R^d."""
         return tfd.MixtureSameFamily(
             tfd.Categorical(logits=ops.convert_to_tensor(self.logits)),
             tfd.MultivariateNormalDiag(

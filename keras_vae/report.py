@@ -30,8 +30,10 @@ def finish(config, fitted):
         fitted.x_test,
         num_samples=FINAL_EVAL_SAMPLES,
         seed=config.model.seed,
-        y=fitted.y_test,
-        x_train=None if fitted.y_train is None else fitted.x_train,
+        # The test labels condition a conditional model, and are the probe's targets
+        # where the training set has labels too.
+        y=fitted.y_test if model.conditional or fitted.y_train is not None else None,
+        x_train=fitted.x_train,
         y_train=fitted.y_train,
     )
     metrics = {

@@ -18,6 +18,7 @@ class VampPrior(keras.layers.Layer):
     """
 
     analytic_kl = False
+    reads_posterior = True
 
     def __init__(self, num_components=10, seed=None, name="prior", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -35,6 +36,7 @@ class VampPrior(keras.layers.Layer):
         )
 
     def distribution(self, posterior_at):
+        """(1/K) Σ_k q_φ(z | u_k), its components ``posterior_at`` the pseudo-inputs."""
         components = posterior_at(ops.convert_to_tensor(self.pseudo_inputs))
         return tfd.MixtureSameFamily(
             tfd.Categorical(logits=ops.zeros((self.num_components,), "float32")), components
