@@ -40,10 +40,9 @@ class StandardNormal(keras.layers.Layer):
         return tfd.Normal(loc=ops.zeros((self.latent_dim,), "float32"), scale=1.0)
 
 
-@keras.saving.register_keras_serializable(package="keras_vae")
-class GaussianMixture(keras.layers.Layer):
-    """p(z) = Σ_k π_k N(z; m_k, diag s_k²), k = 1..K, with learned weights π = softmax(a),
-    means m_k (initialised N(0, I), seeded) and scales s_k (initialised 1)."""
+class MixturePrior(keras.layers.Layer):
+    """The base of a prior that is a mixture of K = ``num_components`` components, its
+    learned weights initialised with ``seed``; no closed-form KL, no factors."""
 
     analytic_kl = False
     reads_posterior = False
@@ -54,6 +53,18 @@ class GaussianMixture(keras.layers.Layer):
             raise ValueError(f"num_components must be >= 1; got {num_components}")
         self.num_components = int(num_components)
         self.seed = seed
+
+    def marginals(self):
+        return None
+
+    def get_config(self):
+        return {**super().get_config(), "num_components": self.num_components, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class GaussianMixture(MixturePrior):
+    """p(z) = Σ_k π_k N(z; m_k, diag s_k²), k = 1..K, with learned weights π = softmax(a),
+    means m_k (initialised N(0, I), seeded) and scales s_k (initialised 1)."""
 
     def build(self, latent_shape, data_shape=None):
         shape = (self.num_components, int(latent_shape[-1]))
@@ -78,9 +89,3 @@ class GaussianMixture(keras.layers.Layer):
                 loc=ops.convert_to_tensor(self.means), scale_diag=ops.exp(self.log_scales)
             ),
         )
-
-    def marginals(self):
-        return None
-
-    def get_config(self):
-        return {**super().get_config(), "num_components": self.num_components, "seed": self.seed}

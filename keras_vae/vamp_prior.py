@@ -5,11 +5,13 @@ import keras
 import tensorflow_probability as tfp
 from keras import ops
 
+from keras_vae.priors import MixturePrior
+
 tfd = tfp.distributions
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
-class VampPrior(keras.layers.Layer):
+class VampPrior(MixturePrior):
     """p(z) = (1/K) Σ_k q_φ(z | u_k), k = 1..K, with pseudo-inputs u_k of x's shape,
     learned with the model (initialised N(0.05, 0.01²), as in the paper's MNIST runs).
 
@@ -17,15 +19,7 @@ class VampPrior(keras.layers.Layer):
     Each evaluation of p runs the encoder on the K pseudo-inputs.
     """
 
-    analytic_kl = False
     reads_posterior = True
-
-    def __init__(self, num_components=10, seed=None, name="prior", **kwargs):
-        super().__init__(name=name, **kwargs)
-        if int(num_components) < 1:
-            raise ValueError(f"num_components must be >= 1; got {num_components}")
-        self.num_components = int(num_components)
-        self.seed = seed
 
     def build(self, latent_shape, data_shape):
         self.pseudo_inputs = self.add_weight(
@@ -41,9 +35,3 @@ class VampPrior(keras.layers.Layer):
         return tfd.MixtureSameFamily(
             tfd.Categorical(logits=ops.zeros((self.num_components,), "float32")), components
         )
-
-    def marginals(self):
-        return None
-
-    def get_config(self):
-        return {**super().get_config(), "num_components": self.num_components, "seed": self.seed}
