@@ -64,7 +64,8 @@ def finish(config, fitted):
 def write_plots(model, folder, history, x_test, y_test, seed=0):
     """Every figure of a run into ``folder``; those of images only for (H, W, C) data: the
     traversals start from the first test example's E_q[z|x], along its most active
-    dimensions, and the interpolations join test examples 1..n to n + 1..2n. A conditional
+    dimensions, and the interpolations join test examples 1..n to n + 1..2n (an
+    autoregressive decoder draws them all along one fixed noise). A conditional
     model decodes them with the first test example's label, and draws samples class by
     class (one row per class) where its labels are classes."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,13 @@ def write_plots(model, folder, history, x_test, y_test, seed=0):
 
     def decode_mean(z):
         label = None if y is None else np.repeat(y[:1], len(z), axis=0)
-        return model.decode(z, y=label).mean().numpy()
+        # An autoregressive decoder draws x along one fixed noise for every z, so that the
+        # images of a grid differ by z alone (its greedy path is mostly blank).
+        noise = None
+        if model.autoregressive:
+            uniform = np.random.default_rng(seed).uniform(size=(len(z), *model.data_shape))
+            noise = uniform.astype("float32")
+        return model.decode(z, noise=noise, y=label).mean().numpy()
 
     if model.latent_dim == 2:
         plots.manifold(decode_mean, folder / "manifold.png")

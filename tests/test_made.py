@@ -322,3 +322,20 @@ def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():
         make_vae(SHAPE, architecture="pixelcnn_made", filters=(4, 8))
     with pytest.raises(ValueError, match=r"equal convolution widths .*got filters=\(4, 8\)"):
         PixelCNNMADEDecoder(SHAPE, 3, filters=(4, 8))
+
+
+def test_traversals_of_an_autoregressive_decoder_share_one_noise(tmp_path, monkeypatch):
+    from keras_vae import plots, report
+
+    model = make_vae(SHAPE, architecture="made", hidden_units=(16,), latent_dim=2, seed=0)
+    drawn = {}
+    monkeypatch.setattr(
+        plots, "latent_traversals", lambda decode, z, dims, path: drawn.update(decode=decode)
+    )
+    x = (np.random.default_rng(0).uniform(size=(8, *SHAPE)) > 0.5).astype("float32")
+    history = {"loss": [1.0], "reconstruction_loss": [0.9], "kl_loss": [0.1]}
+    report.write_plots(model, tmp_path, history, x, None, seed=3)
+    z = np.random.default_rng(1).normal(size=(4, 2)).astype("float32")
+    noise = np.random.default_rng(3).uniform(size=(4, *SHAPE)).astype("float32")
+    expected = model.decode(z, noise=noise).mean().numpy()
+    np.testing.assert_allclose(drawn["decode"](z), expected, rtol=1e-6)
