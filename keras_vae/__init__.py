@@ -17,7 +17,10 @@ _EXPORTS = {
     "ContinuousBernoulliLikelihood": "keras_vae.likelihoods",
     "GaussianLikelihood": "keras_vae.likelihoods",
     "StandardNormal": "keras_vae.priors",
+    "GaussianMixture": "keras_vae.priors",
+    "VampPrior": "keras_vae.vamp_prior",
     "DiagonalGaussian": "keras_vae.posteriors",
+    "IAFPosterior": "keras_vae.iaf",
 }
 
 __all__ = list(_EXPORTS)
