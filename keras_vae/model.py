@@ -362,23 +362,22 @@ class VAE(keras.Model):
         c = self.condition(y, ops.shape(x)[0])
         params = self.encode_params(x, training=training, c=c)
         draws = {"params": params, "kl": None, "log_pz": None, "log_qz": None}
+        prior = self.prior.distribution(self._posterior_at)
         if self.has_analytic_kl:
-            prior = self.prior.distribution(self._posterior_at)
             draws["kl"] = tf.convert_to_tensor(
                 self.posterior.distribution(params).kl_divergence(prior)
             )
-        if not densities:
-            z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
-        elif stop_posterior:
-            z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
-            stopped = {key: ops.stop_gradient(value) for key, value in params.items()}
-            draws["log_qz"] = self.posterior.distribution(stopped).log_prob(z)
-        else:
+        if densities and not stop_posterior:
             z, draws["log_qz"] = self.posterior.sample_and_log_prob(
                 params, num_samples, seed=seed, epsilon=epsilon
             )
+        else:
+            z = self.posterior.sample(params, num_samples, seed=seed, epsilon=epsilon)
+        if densities and stop_posterior:
+            stopped = {key: ops.stop_gradient(value) for key, value in params.items()}
+            draws["log_qz"] = self.posterior.distribution(stopped).log_prob(z)
         if densities:
-            draws["log_pz"] = self.prior.distribution(self._posterior_at).log_prob(z)
+            draws["log_pz"] = prior.log_prob(z)
         draws["z"] = z
         draws["log_px_z"] = self._decode(z, x, training=training, c=c).log_prob(x)
         return draws
