@@ -19,6 +19,7 @@ _EXPORTS = {
     "StandardNormal": "keras_vae.priors",
     "GaussianMixture": "keras_vae.priors",
     "VampPrior": "keras_vae.vamp_prior",
+    "ConditionalGaussian": "keras_vae.conditional_prior",
     "DiagonalGaussian": "keras_vae.posteriors",
     "IAFPosterior": "keras_vae.iaf",
 }

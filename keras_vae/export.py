@@ -136,12 +136,15 @@ def serving_functions(model):
             lambda s: draw(shape, seed=tf.stack([s, stream])), seed, fn_output_signature=tf.float32
         )
 
-    def draw_prior(shape, seed):
-        return model.sample_prior(1, seed=tf.cast(seed, tf.int32))[0]
+    def draw_prior(row):
+        """z ~ p(z) (p(z|y) for a prior that reads the row's label y) from (seed, 0)."""
+        seed, labels = row[0], row[1][None] if len(row) > 1 else None
+        return model.sample_prior(1, seed=tf.cast(tf.stack([seed, 0]), tf.int32), labels=labels)[0]
 
     @signature(seed_spec)
     def sample(seed, y=None):
-        z = per_row(draw_prior, (model.latent_dim,), seed, 0)
+        rows = (seed, y) if model.prior.reads_condition else (seed,)
+        z = tf.map_fn(draw_prior, rows, fn_output_signature=tf.float32)
         noise = None
         if model.autoregressive:
             noise = per_row(tf.random.stateless_uniform, model.data_shape, seed, 1)

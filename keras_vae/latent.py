@@ -42,11 +42,12 @@ def _tensors(params):
     return {key: tf.constant(value) for key, value in params.items()}
 
 
-def kl_per_dimension(model, params):
+def kl_per_dimension(model, params, y=None):
     """(1/N) Σ_n KL(q_φ(z_j|x_n) ‖ p(z_j)) for j = 1..d ([d] array, nats) from the
-    posterior parameters of N examples; None unless q_φ(z|x) and p(z) both factorize."""
+    posterior parameters of N examples (and their labels y, for a prior p(z_j|y) that reads
+    them); None unless q_φ(z|x) and p(z) both factorize."""
     posterior = model.posterior.marginals(_tensors(params))
-    prior = model.prior.marginals()
+    prior = model.prior.marginals(model.condition(y) if model.prior.reads_condition else None)
     if posterior is None or prior is None:
         return None
     return np.float64(tf.reduce_mean(tfd.kl_divergence(posterior, prior), axis=0))
@@ -157,7 +158,7 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
     params = encode_all(model, x, batch_size, y if model.conditional else None)
     z_mean = np.asarray(model.posterior.mean(_tensors(params)))
     activity = unit_activity(z_mean)
-    kl = kl_per_dimension(model, params)
+    kl = kl_per_dimension(model, params, y)
     probe = None
     if x_train is not None:
         x_train = np.asarray(x_train, "float32")

@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_vae import compat, registry
+# optimizers registers FusedAdam, which the compile state of a run's saved model names.
+from keras_vae import compat, optimizers, registry  # noqa: F401
 from keras_vae.likelihoods import BernoulliLikelihood
 from keras_vae.model_config import VAEConfig
 from keras_vae.sampling import SeedStream
@@ -93,6 +94,10 @@ class VAE(keras.Model):
                 f"{prior} is built from the posterior q_φ(z|x), which a conditional model "
                 f"does not have without labels: use another prior."
             )
+        if self.prior.reads_condition and not self.conditional:
+            raise ValueError(
+                f"{prior} is p(z|y): it needs a conditional model (num_classes or condition_dim)."
+            )
         if self.prior.reads_posterior and not self.posterior.params_complete:
             # Its density at z for K other examples' parameters would invert K flows per z.
             raise ValueError(
@@ -127,7 +132,7 @@ class VAE(keras.Model):
             features = (*features[:-1], features[-1] + self.condition_dim)
             self.posterior.build(features, self.latent_dim)
         if not self.prior.built:
-            self.prior.build((self.latent_dim,), self.data_shape)
+            self.prior.build((self.latent_dim,), self.data_shape, self.condition_dim)
         if not self.likelihood.built:
             self.likelihood.build(self.data_shape)
         if self.autoregressive:
@@ -361,8 +366,8 @@ class VAE(keras.Model):
         x = self.validated(x)
         c = self.condition(y, ops.shape(x)[0])
         params = self.encode_params(x, training=training, c=c)
-        draws = {"params": params, "kl": None, "log_pz": None, "log_qz": None}
-        prior = self.prior.distribution(self._posterior_at)
+        draws = {"params": params, "c": c, "kl": None, "log_pz": None, "log_qz": None}
+        prior = self.prior.distribution(self._posterior_at, c)
         if self.has_analytic_kl:
             draws["kl"] = tf.convert_to_tensor(
                 self.posterior.distribution(params).kl_divergence(prior)
@@ -404,7 +409,7 @@ class VAE(keras.Model):
         is each replica's batch mean."""
         floor = self.config.free_bits
         q = self.posterior.marginals(draws["params"])
-        p = self.prior.marginals()
+        p = self.prior.marginals(draws["c"])
         if q is not None and p is not None:
             kl_groups = tf.convert_to_tensor(q.kl_divergence(p))  # [batch, d]
         else:
@@ -533,22 +538,29 @@ class VAE(keras.Model):
         """E[x | z = the posterior's mean] for each x (and its label y, if conditional)."""
         return self(x if y is None else (x, y))
 
-    def sample_prior(self, num_samples, seed=None):
-        """z_1..z_n ~ p(z), [n, d]; ``seed`` (an int, or a stateless seed pair) makes the
-        draw stateless, else the model's seed stream is used."""
+    def sample_prior(self, num_samples, seed=None, labels=None):
+        """z_1..z_n ~ p(z), [n, d], or z_i ~ p(z|y_i) for a prior that reads the ``labels``;
+        ``seed`` (an int, or a stateless seed pair) makes the draw stateless, else the
+        model's seed stream is used."""
+        c = self.condition(labels, num_samples) if self.prior.reads_condition else None
+        return self._sample_prior(num_samples, seed, c)
+
+    def _sample_prior(self, num_samples, seed, c):
         if seed is None:
             seed = self.prior_samples.next()
         elif isinstance(seed, int):
             seed = (seed, 0)
-        return self.prior.distribution(self._posterior_at).sample(num_samples, seed=seed)
+        prior = self.prior.distribution(self._posterior_at, c)
+        # p(z|y) is one distribution per label; p(z) gives all n draws itself.
+        return prior.sample(() if self.prior.reads_condition else num_samples, seed=seed)
 
     def sample(self, num_samples, seed=None, labels=None):
         """E[x | z] for z_1..z_n ~ p(z): [n, *data_shape]; a conditional model's
-        E[x | z, y] for the ``labels`` y ([n] classes or [n, C] vectors). For an
-        autoregressive decoder, E[x_d | x_<d, z] along a draw x ~ p_θ(x|z), whose uniform
-        noise comes from the same seed."""
+        E[x | z, y] for the ``labels`` y ([n] classes or [n, C] vectors), z ~ p(z|y) where
+        the prior reads them. For an autoregressive decoder, E[x_d | x_<d, z] along a draw
+        x ~ p_θ(x|z), whose uniform noise comes from the same seed."""
         c = self.condition(labels, num_samples)
-        z = self.sample_prior(num_samples, seed)
+        z = self._sample_prior(num_samples, seed, c)
         noise = None
         if self.autoregressive:
             if seed is None:

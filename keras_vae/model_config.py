@@ -201,7 +201,9 @@ class DistributionsConfig:
     prior: str = setting(
         "standard_normal",
         "p(z): standard_normal (N(0, I)), mixture (a learned mixture of diagonal Gaussians), "
-        "vamp (the VampPrior: the posterior's mixture at learned pseudo-inputs)",
+        "vamp (the VampPrior: the posterior's mixture at learned pseudo-inputs), "
+        "conditional_gaussian (p(z|y): learned means and scales per label; conditional "
+        "models)",
         choices=lambda: registry.names("prior"),
     )
     num_components: int = setting(

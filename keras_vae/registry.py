@@ -37,6 +37,7 @@ REGISTRY = {
         "standard_normal": Entry("keras_vae.priors:StandardNormal"),
         "mixture": Entry("keras_vae.priors:GaussianMixture"),
         "vamp": Entry("keras_vae.vamp_prior:VampPrior"),
+        "conditional_gaussian": Entry("keras_vae.conditional_prior:ConditionalGaussian"),
     },
     "posterior": {
         "diagonal_gaussian": Entry("keras_vae.posteriors:DiagonalGaussian"),

@@ -21,7 +21,7 @@ class VampPrior(MixturePrior):
 
     reads_posterior = True
 
-    def build(self, latent_shape, data_shape):
+    def build(self, latent_shape, data_shape, condition_dim=0):
         self.pseudo_inputs = self.add_weight(
             shape=(self.num_components, *data_shape),
             initializer=keras.initializers.RandomNormal(mean=0.05, stddev=0.01, seed=self.seed),
@@ -29,7 +29,7 @@ class VampPrior(MixturePrior):
             dtype="float32",
         )
 
-    def distribution(self, posterior_at):
+    def distribution(self, posterior_at, c=None):
         """(1/K) Σ_k q_φ(z | u_k), its components ``posterior_at`` the pseudo-inputs."""
         components = posterior_at(ops.convert_to_tensor(self.pseudo_inputs))
         return tfd.MixtureSameFamily(

@@ -254,3 +254,146 @@ def test_a_conditional_run_from_the_command_line(tmp_path, capsys):
     )
     assert main(["sample", str(run), "--output", str(images)]) == 2
     assert "give --label" in capsys.readouterr().err
+
+
+def linear_gaussian_with_prior(rng, kl):
+    """``linear_gaussian`` with the learned prior p(z|y) = N(m_y, diag s²) (class means m_y,
+    shared scales s) set by hand, its exact posterior, and (W, B, b, m, s)."""
+    w = np.linalg.qr(rng.normal(size=(D, LATENT)))[0] * np.array([2.0, 0.7])
+    big_b, b = rng.normal(size=(D, CLASSES)), rng.normal(size=D)
+    m, s = rng.normal(size=(CLASSES, LATENT)), np.array([0.8, 1.5])
+    model = make_vae(
+        (D,),
+        latent_dim=LATENT,
+        hidden_units=(),
+        likelihood="gaussian",
+        sigma=SIGMA,
+        prior="conditional_gaussian",
+        kl=kl,
+        conditional=True,
+        num_classes=CLASSES,
+        seed=0,
+    )
+    model.prior.set_weights(
+        [np.hstack([m, np.zeros((CLASSES, LATENT))]), np.concatenate([np.zeros(LATENT), np.log(s)])]
+    )
+    model.decoder.layers[0].set_weights([np.vstack([w.T, big_b.T]), b])
+    # Posterior covariance Σ = (diag s⁻² + WᵀW/σ²)⁻¹ (diagonal: W's columns are orthogonal),
+    # mean Σ (m_y/s² + Wᵀ(x − B onehot(y) − b)/σ²).
+    cov = 1 / (1 / s**2 + np.diag(w.T @ w) / SIGMA**2)
+    model.posterior.z_mean_head.set_weights(
+        [
+            np.vstack([w * cov / SIGMA**2, m * cov / s**2 - big_b.T @ w * cov / SIGMA**2]),
+            -(b @ w) * cov / SIGMA**2,
+        ]
+    )
+    model.posterior.z_log_var_head.set_weights([np.zeros((D + CLASSES, LATENT)), np.log(cov)])
+    return model, (w, big_b, b, m, s)
+
+
+@pytest.mark.parametrize("kl", ["auto", "mc"])
+def test_a_learned_prior_p_z_given_y_gives_log_p_x_given_y_in_closed_form(rng, kl):
+    model, (w, big_b, b, m, s) = linear_gaussian_with_prior(rng, kl)
+    assert model.analytic_kl == (kl == "auto")
+    y = rng.integers(0, CLASSES, 30)
+    z = m[y] + s * rng.normal(size=(30, LATENT))
+    x = (z @ w.T + big_b[:, y].T + b + SIGMA * rng.normal(size=(30, D))).astype("float32")
+    # log p(x|y) = log N(x; W m_y + B onehot(y) + b, W diag s² Wᵀ + σ² I).
+    cov = w @ np.diag(s**2) @ w.T + SIGMA**2 * np.eye(D)
+    exact = np.array(
+        [multivariate_normal(w @ m[c] + big_b[:, c] + b, cov).logpdf(row) for row, c in zip(x, y)]
+    )
+    scores = model.score(x, 5, seed=3, y=y)
+    np.testing.assert_allclose(scores["log_px"].numpy(), exact, rtol=1e-4)
+    log_px_z, _, _, closed = model.log_weights(x, 5, seed=3, y=y)
+    if kl == "mc":  # log p(x|z) + log p(z|y) − log q(z|x, y) = log p(x|y) at every draw
+        np.testing.assert_allclose(scores["elbo"].numpy(), exact, rtol=1e-4)
+    else:  # KL(N(μ, σ²) ‖ N(m_y, s²)) = Σ_j log(s_j/σ_j) + (σ_j² + (μ_j − m_yj)²)/(2s_j²) − ½
+        params = model.encode_params(x, y=y)
+        mu, var = params["z_mean"].numpy(), np.exp(params["z_log_var"].numpy())
+        by_hand = np.sum(
+            np.log(s) - 0.5 * np.log(var) + (var + (mu - m[y]) ** 2) / (2 * s**2) - 0.5, 1
+        )
+        np.testing.assert_allclose(closed.numpy(), by_hand, rtol=1e-5)
+        np.testing.assert_allclose(
+            scores["elbo"].numpy(), log_px_z.numpy().mean(0) - by_hand, rtol=1e-5
+        )
+    report, evaluated = evaluate(model, x, num_samples=20, batch_size=8, chunk_size=7, y=y)
+    np.testing.assert_allclose(evaluated["log_px"], exact, rtol=1e-4)
+    # The per-dimension KL to p(z_j|y) adds up to the whole closed-form KL.
+    whole = model.posterior.distribution(model.encode_params(x, y=y)).kl_divergence(
+        model.prior.distribution(c=model.condition(y))
+    )
+    assert sum(report["latent"]["kl_per_dimension"]) == pytest.approx(
+        float(tf.reduce_mean(whole)), rel=1e-5
+    )
+
+
+def test_the_conditional_prior_starts_at_n_0_i_and_draws_each_label_from_its_own(rng):
+    model = make_vae(
+        (D,),
+        latent_dim=LATENT,
+        hidden_units=(),
+        likelihood="gaussian",
+        prior="conditional_gaussian",
+        conditional=True,
+        num_classes=CLASSES,
+        seed=0,
+    )
+    z = rng.normal(size=(5, LATENT)).astype("float32")
+    untrained = model.prior.distribution(c=model.condition(np.array([0, 1, 2, 0, 1])))
+    np.testing.assert_allclose(
+        untrained.log_prob(z).numpy(), multivariate_normal(np.zeros(LATENT)).logpdf(z), rtol=1e-6
+    )
+    m, s = rng.normal(size=(CLASSES, LATENT)), np.array([0.5, 2.0])
+    model.prior.set_weights(
+        [np.hstack([m, np.zeros((CLASSES, LATENT))]), np.concatenate([np.zeros(LATENT), np.log(s)])]
+    )
+    labels = np.repeat([0, 2], 4000)
+    draws = model.sample_prior(len(labels), seed=5, labels=labels).numpy()
+    for label, part in zip([0, 2], np.split(draws, 2)):
+        np.testing.assert_allclose(part.mean(axis=0), m[label], atol=4 * s.max() / np.sqrt(4000))
+        np.testing.assert_allclose(part.std(axis=0), s, rtol=0.05)
+
+
+def test_a_model_with_p_z_given_y_saves_loads_and_serves_the_same_draws(rng, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = make_vae(
+        (8, 8, 1),
+        latent_dim=2,
+        hidden_units=(16,),
+        prior="conditional_gaussian",
+        free_bits=0.5,
+        conditional=True,
+        num_classes=3,
+        seed=0,
+    )
+    x, y = binary(rng, 64)
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    kernel = model.prior.get_weights()[0]
+    assert np.abs(kernel).max() > 1e-3  # the per-class means and scales moved from zero
+    path = tmp_path / "prior.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    labels = np.array([0, 1, 2])
+    np.testing.assert_allclose(
+        restored.sample_prior(3, seed=4, labels=labels).numpy(),
+        model.sample_prior(3, seed=4, labels=labels).numpy(),
+        rtol=1e-6,
+    )
+    served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "prior")))
+    sampled = served.signatures["sample"](
+        seed=tf.constant([7, 7, 7], tf.int64), y=tf.constant(labels, tf.int64)
+    )
+    # Each row's z is the draw of seed (7, 0) from its own label's p(z|y).
+    expected = np.concatenate(
+        [model.sample_prior(1, seed=(7, 0), labels=[label]).numpy() for label in labels]
+    )
+    np.testing.assert_allclose(sampled["z"].numpy(), expected, rtol=1e-5)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-4
+
+
+def test_the_conditional_prior_is_refused_for_an_unconditional_model():
+    with pytest.raises(ValueError, match=r"is p\(z\|y\): it needs a conditional model"):
+        make_vae((8, 8, 1), latent_dim=2, hidden_units=(16,), prior="conditional_gaussian")

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from helpers import make_vae, posterior_params, user_networks
 
-from keras_vae import VAE
+from keras_vae import VAE, FusedAdam
 
 
 def small_vae(data_shape=(8, 8, 1), **kwargs):
@@ -146,6 +146,7 @@ LOAD_SCRIPT = textwrap.dedent("""
 
 def test_save_load_in_new_process_is_identical_and_training_continues(digits, tmp_path):
     model = small_vae(likelihood="gaussian", learn_sigma="shared", sigma=0.2)
+    model.compile(optimizer=FusedAdam(1e-3))  # a run's optimizer: the file names its class
     model.fit(digits[:256], batch_size=64, epochs=1, verbose=0)
     path = tmp_path / "vae.keras"
     model.save(path)
