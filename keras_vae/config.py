@@ -25,6 +25,7 @@ from keras_vae.settings import (
     choices_of,
     coerce,
     fail,
+    finite_nonnegative,
     finite_positive,
     positive,
     setting,
@@ -135,6 +136,12 @@ class TrainingConfig:
         "factor of each learning-rate decay",
         check=lambda v: 0 < v <= 1,
         requirement="be in (0, 1]",
+    )
+    gradient_clipnorm: float = setting(
+        0.0,
+        "clip each step's gradient to this global L2 norm (Keras's global_clipnorm); 0: off",
+        check=finite_nonnegative,
+        requirement="be finite and >= 0",
     )
     batch_size: int = setting(
         64,

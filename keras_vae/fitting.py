@@ -116,12 +116,13 @@ def build_model(config, data_shape, dtype="float32"):
 def compile_model(model, config):
     """Compiles ``model`` with the optimizer, XLA and steps per execution of ``config`` (a
     ``TrainingConfig``)."""
+    settings = {"learning_rate": config.learning_rate}
+    if config.gradient_clipnorm:
+        settings["global_clipnorm"] = config.gradient_clipnorm
     if config.optimizer == "adam":  # Keras's Adam update in fewer ops
-        optimizer = FusedAdam(config.learning_rate)
+        optimizer = FusedAdam(**settings)
     else:
-        optimizer = keras.optimizers.get(
-            {"class_name": config.optimizer, "config": {"learning_rate": config.learning_rate}}
-        )
+        optimizer = keras.optimizers.get({"class_name": config.optimizer, "config": settings})
     model.compile(
         optimizer=optimizer,
         jit_compile=config.jit_compile,

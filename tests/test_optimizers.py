@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import make_vae, run_config
 
 from keras_vae import FusedAdam
+from keras_vae.fitting import compile_model
 
 
 def _train(optimizer, initial, gradients, wrap=None):
@@ -31,6 +33,7 @@ SCHEDULE = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=5, deca
         ({}, None),
         ({"weight_decay": 0.1}, None),
         ({"clipnorm": 1.0}, None),
+        ({"global_clipnorm": 0.5}, None),
         ({"learning_rate": SCHEDULE}, None),
         ({}, keras.optimizers.LossScaleOptimizer),  # as under mixed_float16
         ({"amsgrad": True}, None),
@@ -59,3 +62,20 @@ def test_fused_adam_round_trips_through_its_config():
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(restored) is FusedAdam
     assert restored.get_config() == optimizer.get_config()
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_gradient_clipnorm_bounds_the_global_norm_of_each_step(digits, name):
+    model = make_vae((8, 8, 1), latent_dim=2, hidden_units=(16,), seed=0)
+    training = run_config(optimizer=name, learning_rate=1.0, gradient_clipnorm=0.01).training
+    compile_model(model, training)
+    assert model.optimizer.global_clipnorm == 0.01
+    before = [w.numpy() for w in model.trainable_weights]
+    model.fit(digits[:32], batch_size=32, epochs=1, verbose=0)
+    step = np.sqrt(
+        sum(np.sum((w.numpy() - b) ** 2) for w, b in zip(model.trainable_weights, before))
+    )
+    if name == "sgd":  # θ ← θ − η g/max(1, ‖g‖/c): a step of exactly η c, as ‖g‖ > c here
+        assert step == pytest.approx(0.01, rel=1e-4)
+    else:  # Adam's first step is ±η per weight whatever the gradient's scale
+        assert step > 1
