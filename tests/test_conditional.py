@@ -165,6 +165,16 @@ def test_fit_on_x_and_labels_then_save_load_and_serve_the_same_numbers(rng, tmp_
     assert tf.make_ndarray(request.inputs["y"]).dtype == np.int64
 
 
+def test_predict_reads_the_labels_of_a_conditional_model(rng):
+    model = class_model()
+    x, y = binary(rng, 10)
+    np.testing.assert_allclose(
+        model.predict((x, y), batch_size=4, verbose=0), model.reconstruct(x, y).numpy(), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="is conditional: it needs labels y"):
+        model.predict(x, batch_size=4, verbose=0)
+
+
 def test_a_model_conditional_on_vectors_reads_them_as_they_are(rng):
     model = make_vae(
         (8, 8, 1), latent_dim=2, hidden_units=(16,), conditional=True, condition_dim=3, seed=0
