@@ -19,23 +19,28 @@ from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
 D, LATENT, CLASSES, SIGMA = 6, 2, 3, 0.5
 
 
+def linear_model(**settings):
+    """A class-conditional VAE with linear networks and the Gaussian likelihood of σ."""
+    return make_vae(
+        (D,),
+        latent_dim=LATENT,
+        hidden_units=(),
+        likelihood="gaussian",
+        sigma=SIGMA,
+        conditional=True,
+        num_classes=CLASSES,
+        seed=0,
+        **settings,
+    )
+
+
 def linear_gaussian(rng):
     """A conditional linear-Gaussian model x = W z + B onehot(y) + b + σ·noise, z ~ N(0, I),
     with its exact posterior q(z|x, y) = p(z|x, y) set by hand; and (W, B, b)."""
     # W with orthogonal columns, so that the exact posterior is diagonal.
     w = np.linalg.qr(rng.normal(size=(D, LATENT)))[0] * np.array([2.0, 0.7])
     big_b, b = rng.normal(size=(D, CLASSES)), rng.normal(size=D)
-    model = make_vae(
-        (D,),
-        latent_dim=LATENT,
-        hidden_units=(),
-        likelihood="gaussian",
-        sigma=SIGMA,
-        kl="mc",
-        conditional=True,
-        num_classes=CLASSES,
-        seed=0,
-    )
+    model = linear_model(kl="mc")
     m_inv = np.linalg.inv(w.T @ w + SIGMA**2 * np.eye(LATENT))
     # Decoder: x̂ = [z, c] [Wᵀ; Bᵀ] + b. Posterior: μ = (x − b − c Bᵀ) W M⁻¹, σ² = σ² diag M⁻¹.
     model.decoder.layers[0].set_weights([np.vstack([w.T, big_b.T]), b])
@@ -272,18 +277,7 @@ def linear_gaussian_with_prior(rng, kl):
     w = np.linalg.qr(rng.normal(size=(D, LATENT)))[0] * np.array([2.0, 0.7])
     big_b, b = rng.normal(size=(D, CLASSES)), rng.normal(size=D)
     m, s = rng.normal(size=(CLASSES, LATENT)), np.array([0.8, 1.5])
-    model = make_vae(
-        (D,),
-        latent_dim=LATENT,
-        hidden_units=(),
-        likelihood="gaussian",
-        sigma=SIGMA,
-        prior="conditional_gaussian",
-        kl=kl,
-        conditional=True,
-        num_classes=CLASSES,
-        seed=0,
-    )
+    model = linear_model(prior="conditional_gaussian", kl=kl)
     model.prior.set_weights(
         [np.hstack([m, np.zeros((CLASSES, LATENT))]), np.concatenate([np.zeros(LATENT), np.log(s)])]
     )
@@ -340,16 +334,7 @@ def test_a_learned_prior_p_z_given_y_gives_log_p_x_given_y_in_closed_form(rng, k
 
 
 def test_the_conditional_prior_starts_at_n_0_i_and_draws_each_label_from_its_own(rng):
-    model = make_vae(
-        (D,),
-        latent_dim=LATENT,
-        hidden_units=(),
-        likelihood="gaussian",
-        prior="conditional_gaussian",
-        conditional=True,
-        num_classes=CLASSES,
-        seed=0,
-    )
+    model = linear_model(prior="conditional_gaussian")
     z = rng.normal(size=(5, LATENT)).astype("float32")
     untrained = model.prior.distribution(c=model.condition(np.array([0, 1, 2, 0, 1])))
     np.testing.assert_allclose(
