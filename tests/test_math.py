@@ -321,9 +321,10 @@ def _gradient_draws(estimator, beta, x, weights, draws):
     model.set_weights(weights)
     model.compile(optimizer="sgd")
     encoder_ids = {id(v) for v in model._encoder_side_weights()}
+    compute_gradients = tf.function(model.compute_gradients)  # traced once for all draws
     decoder, encoder = [], []
     for _ in range(draws):
-        gradients, _ = model.compute_gradients(x)
+        gradients, _ = compute_gradients(x)
         # One gradient per trainable weight, in that order (the optimizer's slots follow it).
         assert [g.shape for g in gradients] == [v.shape for v in model.trainable_weights]
         pairs = list(zip(gradients, model.trainable_weights))
