@@ -170,6 +170,7 @@ def _cmd_evaluate(args):
                 f,
                 elbo=scores["elbo"],
                 elbo_se=scores["elbo_se"],
+                kl=scores["kl"],
                 log_px=scores["log_px"],
                 log_px_se=scores["log_px_se"],
             )

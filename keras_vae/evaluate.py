@@ -97,7 +97,7 @@ class _Accumulator:
 
 
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
-    """Per-example arrays: ``elbo``, ``elbo_se``, ``log_px``, ``log_px_se`` (K draws),
+    """Per-example arrays: ``elbo``, ``elbo_se``, ``kl``, ``log_px``, ``log_px_se`` (K draws),
     and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws);
     for a conditional model, of log p(x|y) given the labels y."""
     for name, value in (
@@ -132,7 +132,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon, y=y_batch)
         return log_px_z + log_pz - log_qz, log_px_z, kl
 
-    out = {key: [] for key in ("elbo", "elbo_se", "log_px", "log_px_se")}
+    out = {key: [] for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se")}
     by_k = {k: [] for k in ladder}
     for b, start in enumerate(range(0, len(x), batch_size)):
         x_batch = tf.constant(x[start : start + batch_size])
@@ -167,6 +167,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         kl = acc.sum_log_ratio / k if kl is None else np.float64(kl.numpy())
         out["elbo"].append(mean_ll - kl)
         out["elbo_se"].append(np.sqrt(var_ll / k))
+        out["kl"].append(kl)
         out["log_px"].append(log_px)
         out["log_px_se"].append(acc.log_px_se())
     result = {key: np.concatenate(values) for key, values in out.items()}
@@ -214,6 +215,7 @@ def evaluate(
         "test_set_sha256": datasets.fingerprint(x),
         "k": num_samples,
         "elbo": mean_and_se(scores["elbo"]),
+        "kl": mean_and_se(scores["kl"]),
         "log_px": log_px,
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},

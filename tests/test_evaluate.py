@@ -96,7 +96,7 @@ def test_chunking_gives_the_same_numbers(ppca_case):
     model, x, _ = ppca_case
     one_pass = importance_weighted(model, x, 300, batch_size=40, chunk_size=300, seed=5)
     chunked = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
-    for key in ("elbo", "elbo_se", "log_px", "log_px_se"):
+    for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se"):
         np.testing.assert_allclose(chunked[key], one_pass[key], rtol=1e-6, atol=1e-6)
     again = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
     np.testing.assert_array_equal(again["log_px"], chunked["log_px"])
@@ -340,3 +340,31 @@ def test_cli_evaluate_names_bad_input(run_dir, tmp_path, capsys):
     (tmp_path / "junk.keras").write_bytes(b"not a model")
     assert main(["evaluate", str(tmp_path / "junk.keras"), "--data", "digits"]) == 2
     assert "junk.keras is not a .keras model: not a zip archive" in capsys.readouterr().err
+
+
+def test_the_rate_is_the_monte_carlo_kl_where_there_is_no_closed_form(ppca_case):
+    model, x, _ = ppca_case
+    # A one-component mixture at N(0, I): the same model, without a closed-form KL.
+    mixture = make_vae(
+        (D,),
+        latent_dim=LATENT,
+        hidden_units=(),
+        likelihood="gaussian",
+        sigma=SIGMA,
+        prior="mixture",
+        num_components=1,
+        seed=0,
+    )
+    mixture.decoder.set_weights(model.decoder.get_weights())
+    mixture.posterior.set_weights(model.posterior.get_weights())
+    mixture.prior.set_weights([np.zeros(1), np.zeros((1, LATENT)), np.zeros((1, LATENT))])
+    closed = importance_weighted(model, x, 500, seed=3)
+    estimated = importance_weighted(mixture, x, 500, seed=3)
+    np.testing.assert_allclose(estimated["log_px"], closed["log_px"], rtol=1e-5)
+    # (1/K) Σ_k log q(z_k|x) − log p(z_k): the closed form up to its Monte Carlo error.
+    diff = estimated["kl"] - closed["kl"]
+    assert abs(diff.mean()) < 4 * diff.std(ddof=1) / np.sqrt(len(diff))
+    assert np.abs(diff).max() > 1e-4
+    np.testing.assert_allclose(
+        estimated["elbo"] + estimated["kl"], closed["elbo"] + closed["kl"], rtol=1e-5
+    )
