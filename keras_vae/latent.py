@@ -47,7 +47,7 @@ def kl_per_dimension(model, params, y=None):
     posterior parameters of N examples (and their labels y, for a prior p(z_j|y) that reads
     them); None unless q_φ(z|x) and p(z) both factorize."""
     posterior = model.posterior.marginals(_tensors(params))
-    prior = model.prior.marginals(model.condition(y) if model.prior.reads_condition else None)
+    prior = model.prior.marginals(model.condition(y))  # c(y) is None for an unconditional model
     if posterior is None or prior is None:
         return None
     return np.float64(tf.reduce_mean(tfd.kl_divergence(posterior, prior), axis=0))
