@@ -90,6 +90,11 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
                     self.seed is not None,
                     "must be an integer for a run (it seeds the data order)",
                 ),
+                (
+                    "latent_layers",
+                    not self.latent_layers or sum(self.latent_layers) == self.latent_dim,
+                    f"must sum to latent_dim ({self.latent_dim})",
+                ),
             ]
             + NetworkConfig.rules(self)
             + VAEConfig.rules(self)

@@ -135,6 +135,10 @@ class VAE(keras.Model):
             self.prior.build((self.latent_dim,), self.data_shape, self.condition_dim)
         if not self.likelihood.built:
             self.likelihood.build(self.data_shape)
+        # KL(q(z_l|·) ‖ p(z_l|·)) per stochastic layer, where q and p share their layers.
+        self.layer_kl_trackers = [
+            keras.metrics.Mean(name=f"kl_{layer + 1}") for layer in range(len(self.latent_layers))
+        ]
         if self.autoregressive:
             if not self.decoder.built:
                 self.decoder.build()
@@ -265,12 +269,22 @@ class VAE(keras.Model):
         self.likelihood.check_array(x)
 
     @property
+    def latent_layers(self):
+        """(d_1, …, d_L), the sizes of the stochastic layers z_1..z_L that the posterior
+        and the prior share, where both are hierarchical with L > 1; else ()."""
+        sizes = getattr(self.posterior, "sizes", None)
+        if sizes is None or len(sizes) < 2 or getattr(self.prior, "sizes", None) != sizes:
+            return ()
+        return tuple(sizes)
+
+    @property
     def metrics(self):
         return [
             self.loss_tracker,
             self.reconstruction_loss_tracker,
             self.kl_loss_tracker,
             self.elbo_tracker,
+            *self.layer_kl_trackers,
         ]
 
     # ------------------------------------------------------------------ distributions
@@ -362,17 +376,27 @@ class VAE(keras.Model):
     ):
         """``log_weights``'s terms by name, with the posterior's ``params`` and the samples
         ``z`` [K, batch, d]; with ``stop_posterior``, log q(z_k|x) is differentiable in z_k
-        only, not in q's parameters."""
+        only, not in q's parameters. For a model with ``latent_layers``, ``layer_kl`` [L,
+        batch] holds each layer's Monte Carlo KL, the mean over the draws of
+        log q(z_l|·) − log p(z_l|·)."""
         x = self.validated(x)
         c = self.condition(y, ops.shape(x)[0])
         params = self.encode_params(x, training=training, c=c)
         draws = {"params": params, "c": c, "kl": None, "log_pz": None, "log_qz": None}
+        draws["layer_kl"] = None
         prior = self.prior.distribution(self._posterior_at, c)
         if self.has_analytic_kl:
             draws["kl"] = tf.convert_to_tensor(
                 self.posterior.distribution(params).kl_divergence(prior)
             )
-        if densities and not stop_posterior:
+        if densities and self.latent_layers:
+            z, log_q = self.posterior.sample_and_layer_log_probs(
+                params, num_samples, seed=seed, epsilon=epsilon
+            )
+            log_p = prior.layer_log_probs(z)
+            draws["log_qz"], draws["log_pz"] = ops.sum(log_q, axis=0), ops.sum(log_p, axis=0)
+            draws["layer_kl"] = ops.mean(log_q - log_p, axis=1)  # [L, batch]
+        elif densities and not stop_posterior:
             z, draws["log_qz"] = self.posterior.sample_and_log_prob(
                 params, num_samples, seed=seed, epsilon=epsilon
             )
@@ -381,7 +405,7 @@ class VAE(keras.Model):
         if densities and stop_posterior:
             stopped = {key: ops.stop_gradient(value) for key, value in params.items()}
             draws["log_qz"] = self.posterior.distribution(stopped).log_prob(z)
-        if densities:
+        if densities and draws["log_pz"] is None:
             draws["log_pz"] = prior.log_prob(z)
         draws["z"] = z
         draws["log_px_z"] = self._decode(z, x, training=training, c=c).log_prob(x)
@@ -412,6 +436,9 @@ class VAE(keras.Model):
         p = self.prior.marginals(draws["c"])
         if q is not None and p is not None:
             kl_groups = tf.convert_to_tensor(q.kl_divergence(p))  # [batch, d]
+        elif self.latent_layers:  # one group per stochastic layer, floored at λ·d_l
+            kl_groups = ops.transpose(draws["layer_kl"])
+            floor = floor * ops.convert_to_tensor(self.latent_layers, "float32")
         else:
             kl_groups, floor = kl[:, None], floor * self.latent_dim
         used = ops.stop_gradient(ops.mean(kl_groups, axis=0)) >= floor
@@ -452,6 +479,10 @@ class VAE(keras.Model):
             "kl_loss": kl_loss,
             "elbo": -reconstruction_loss - kl_loss,
         }
+        for layer, layer_kl in (
+            enumerate(ops.unstack(draws["layer_kl"])) if self.latent_layers else ()
+        ):
+            terms[f"kl_{layer + 1}"] = layer_kl
         if dreg:  # what train_step needs to reweight the gradient that reaches z
             terms.update(z=draws["z"], log_w=log_w, beta=beta)
         return terms

@@ -203,7 +203,8 @@ class DistributionsConfig:
         "p(z): standard_normal (N(0, I)), mixture (a learned mixture of diagonal Gaussians), "
         "vamp (the VampPrior: the posterior's mixture at learned pseudo-inputs), "
         "conditional_gaussian (p(z|y): learned means and scales per label; conditional "
-        "models)",
+        "models), hierarchical (p(z_L) Π p(z_l|z_l+1) over the latent_layers, p(z_L) the "
+        "top_prior)",
         choices=lambda: registry.names("prior"),
     )
     num_components: int = setting(
@@ -215,7 +216,8 @@ class DistributionsConfig:
     posterior: str = setting(
         "diagonal_gaussian",
         "q_φ(z|x): diagonal_gaussian (N(μ_φ(x), diag σ²_φ(x))), iaf (that Gaussian followed "
-        "by an inverse autoregressive flow)",
+        "by an inverse autoregressive flow), bottom_up (q(z_1|x) Π q(z_l|z_l−1)) or "
+        "top_down (q(z_L|x) Π q(z_l|z_l+1, x)) over the latent_layers",
         choices=lambda: registry.names("posterior"),
     )
     flow_steps: int = setting(
@@ -229,4 +231,29 @@ class DistributionsConfig:
         "iaf: widths of each step's autoregressive network (MADE) hidden layers",
         check=lambda v: len(v) >= 1 and min(v) >= 1,
         requirement="have at least one width, each >= 1",
+    )
+    latent_layers: tuple[int, ...] = setting(
+        (),
+        "hierarchical prior and posteriors: d_1, …, d_L, the sizes of the stochastic layers "
+        "z_1 (next to x) to z_L, which sum to latent_dim; (): one layer of latent_dim",
+        check=lambda v: all(n >= 1 for n in v),
+        requirement="have sizes >= 1",
+    )
+    layer_hidden_units: tuple[int, ...] = setting(
+        (100, 100),
+        "hierarchical prior and posteriors: widths of the MLP of each conditional "
+        "p(z_l|z_l+1), q(z_l|z_l−1) or q(z_l|z_l+1, x)",
+        check=lambda v: all(n >= 1 for n in v),
+        requirement="have widths >= 1",
+    )
+    layer_activation: str = setting(
+        "tanh", "hierarchical prior and posteriors: the nonlinearity of those MLPs"
+    )
+    top_prior: str = setting(
+        "standard_normal",
+        "hierarchical prior: p(z_L), a prior that does not read the posterior "
+        "(standard_normal, mixture, conditional_gaussian)",
+        choices=lambda: tuple(
+            n for n in registry.names("prior") if n not in ("hierarchical", "vamp")
+        ),
     )

@@ -38,10 +38,13 @@ REGISTRY = {
         "mixture": Entry("keras_vae.priors:GaussianMixture"),
         "vamp": Entry("keras_vae.vamp_prior:VampPrior"),
         "conditional_gaussian": Entry("keras_vae.conditional_prior:ConditionalGaussian"),
+        "hierarchical": Entry("keras_vae.hierarchy:HierarchicalPrior"),
     },
     "posterior": {
         "diagonal_gaussian": Entry("keras_vae.posteriors:DiagonalGaussian"),
         "iaf": Entry("keras_vae.iaf:IAFPosterior"),
+        "bottom_up": Entry("keras_vae.hierarchy:BottomUpPosterior"),
+        "top_down": Entry("keras_vae.hierarchy:TopDownPosterior"),
     },
 }
 
@@ -64,10 +67,10 @@ def load(kind, name):
     return getattr(importlib.import_module(module), attribute)
 
 
-def make(kind, name, settings=None, **kwargs):
-    """The piece registered as ``name`` of ``kind``, made with ``kwargs`` and with those
-    fields of ``settings`` (a dataclass or dict) that its constructor names."""
-    cls = load(kind, name)
+def make(kind, registered_name, settings=None, **kwargs):
+    """The piece registered as ``registered_name`` of ``kind``, made with ``kwargs`` and with
+    those fields of ``settings`` (a dataclass or dict) that its constructor names."""
+    cls = load(kind, registered_name)
     if dataclasses.is_dataclass(settings):
         settings = dataclasses.asdict(settings)
     accepted = inspect.signature(cls.__init__).parameters

@@ -1,0 +1,384 @@
+"""Hierarchical latents: L stochastic layers z_1 (next to x), …, z_L (the top), laid out
+side by side in the model's z = [z_1, …, z_L] ∈ R^d, d = Σ_l d_l.
+
+- prior ``HierarchicalPrior``: p(z) = p(z_L) Π_{l<L} p(z_l | z_{l+1}), p(z_L) any
+  registered prior over R^{d_L};
+- posterior ``BottomUpPosterior``: q(z|x) = q(z_1|x) Π_{l>1} q(z_l | z_{l−1}) (the IWAE
+  paper's two-layer model);
+- posterior ``TopDownPosterior``: q(z|x) = q(z_L|x) Π_{l<L} q(z_l | z_{l+1}, x) (the
+  VampPrior paper's HVAE): it draws z in the generative model's order.
+
+Each conditional factor is a diagonal Gaussian whose mean and log variance an MLP computes
+(``GaussianLayer``). The decoder reads all of z. log q(z|x) and log p(z) are exact sums of
+the layers' log densities, so the importance-weighted estimate of log p(x) stays exact;
+KL(q ‖ p) has no closed form and is estimated by Monte Carlo.
+"""
+
+import itertools
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+from keras import ops
+
+from keras_vae import registry
+from keras_vae.networks.layers import Dense
+from keras_vae.sampling import Sampling
+
+tfd = tfp.distributions
+
+
+def gaussian(mean, log_var):
+    """N(mean, diag exp(log_var)) over the last axis."""
+    return tfd.MultivariateNormalDiag(loc=mean, scale_diag=ops.exp(0.5 * log_var))
+
+
+def check_layers(latent_layers, latent_dim):
+    """``latent_layers`` as a tuple of ints, (latent_dim,) when empty; a ValueError unless
+    each is >= 1 and they sum to ``latent_dim``."""
+    sizes = tuple(int(n) for n in latent_layers) or (int(latent_dim),)
+    if min(sizes) < 1 or sum(sizes) != latent_dim:
+        raise ValueError(
+            f"latent_layers {list(sizes)} must be sizes >= 1 that sum to latent_dim ({latent_dim})"
+        )
+    return sizes
+
+
+class LayerChain(tfd.Distribution):
+    """The distribution of z = [z_1, …, z_L] ([..., d]) whose layers are drawn one after
+    another in ``order`` (indices into the layers, e.g. L−1, …, 0 top-down): the first from
+    ``first`` (event shape [d_first]), each next z_l from ``conditional(l, z_prev)`` (a
+    distribution with event shape [d_l]) given the layer drawn just before it, so that
+    log p(z) = log first(z_first) + Σ log conditional(l, z_prev)(z_l)."""
+
+    def __init__(self, first, conditional, sizes, order, name="LayerChain"):
+        parameters = dict(locals())
+        self.first = first
+        self._conditional = conditional
+        self.sizes = tuple(sizes)
+        self.order = tuple(order)
+        super().__init__(
+            dtype=tf.float32,
+            reparameterization_type=first.reparameterization_type,
+            validate_args=False,
+            allow_nan_stats=True,
+            parameters=parameters,
+            name=name,
+        )
+
+    def _event_shape(self):
+        return tf.TensorShape([sum(self.sizes)])
+
+    def _event_shape_tensor(self):
+        return tf.constant([sum(self.sizes)], tf.int32)
+
+    def _batch_shape(self):
+        return self.first.batch_shape
+
+    def _batch_shape_tensor(self):
+        return self.first.batch_shape_tensor()
+
+    def layer_log_probs(self, z):
+        """log p(z_l | its parent) for the layers l = 1..L (the first layer's from
+        ``first``), stacked [L, *z's batch shape]."""
+        blocks = tf.split(z, self.sizes, axis=-1)
+        log_probs = [None] * len(self.sizes)
+        log_probs[self.order[0]] = self.first.log_prob(blocks[self.order[0]])
+        for previous, layer in itertools.pairwise(self.order):
+            log_probs[layer] = self._conditional(layer, blocks[previous]).log_prob(blocks[layer])
+        # The first layer's log p has ``first``'s batch shape, which may be narrower than
+        # z's; the others are computed from z's blocks.
+        shape = tf.shape(log_probs[self.order[-1]])
+        return tf.stack([tf.broadcast_to(log_prob, shape) for log_prob in log_probs])
+
+    def _log_prob(self, z):
+        return tf.reduce_sum(self.layer_log_probs(z), axis=0)
+
+    def _sample_n(self, n, seed=None):
+        seeds = tfp.random.split_seed(seed, n=len(self.order))
+        blocks = [None] * len(self.sizes)
+        blocks[self.order[0]] = self.first.sample(n, seed=seeds[0])
+        for layer_seed, (previous, layer) in zip(seeds[1:], itertools.pairwise(self.order)):
+            blocks[layer] = self._conditional(layer, blocks[previous]).sample(seed=layer_seed)
+        return tf.concat(blocks, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class GaussianLayer(keras.layers.Layer):
+    """(μ, log σ²) of a diagonal Gaussian over R^``units``, float32: an MLP of
+    ``hidden_units`` on its input u, whose first layer also reads an optional context h
+    (a(W u + V h + b), V h computed once per example however many samples u has), then a
+    linear head."""
+
+    def __init__(self, units, hidden_units=(), activation="tanh", **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.hidden_units = tuple(int(n) for n in hidden_units)
+        self.activation = activation
+        self.activation_fn = keras.activations.get(activation)
+
+    def build(self, input_shape, context_shape=None):
+        dtype = self.dtype_policy
+        width = input_shape[-1]
+        self.hidden = []
+        for i, units in enumerate(self.hidden_units):
+            layer = Dense(units, dtype=dtype, name=f"hidden_{i}")
+            layer.build((None, width))
+            self.hidden.append(layer)
+            width = units
+        self.head = Dense(2 * self.units, dtype=dtype, name="head")
+        self.head.build((None, width))
+        self.context_dense = None
+        if context_shape is not None:
+            # The context joins the first hidden layer, or the head if there is none.
+            joins = self.hidden_units[0] if self.hidden_units else 2 * self.units
+            self.context_dense = Dense(joins, use_bias=False, dtype=dtype, name="context")
+            self.context_dense.build((None, context_shape[-1]))
+
+    def call(self, inputs, context=None):
+        """(μ, log σ²), each [..., units], for u [..., width] and h [batch, context width]
+        (broadcast against u's leading axes)."""
+        layers = [*self.hidden, self.head]
+        h = inputs
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i == 0 and context is not None:
+                h = h + self.context_dense(context)
+            if layer is not self.head:
+                h = self.activation_fn(h)
+        h = ops.cast(h, "float32")
+        return h[..., : self.units], h[..., self.units :]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "hidden_units": list(self.hidden_units),
+            "activation": self.activation,
+        }
+
+
+class HierarchicalPosterior(keras.layers.Layer):
+    """The base of the hierarchical posteriors: the first layer drawn from the encoder's
+    features h, each next one from a ``GaussianLayer`` on the layer drawn before it (and,
+    where ``reads_features``, on h), in ``order``; z_l = μ_l + σ_l ⊙ ε_l with the base
+    noise ε ~ N(0, I) of all layers drawn at once by the ``Sampling`` layer. Subclasses
+    set ``order(L)`` and ``reads_features``."""
+
+    analytic_kl = False
+    params_complete = False
+    reads_features = False
+
+    def __init__(
+        self,
+        latent_layers=(),
+        layer_hidden_units=(100, 100),
+        layer_activation="tanh",
+        seed=None,
+        name="posterior",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.latent_layers = tuple(int(n) for n in latent_layers)
+        self.layer_hidden_units = tuple(int(n) for n in layer_hidden_units)
+        self.layer_activation = layer_activation
+        self.seed = seed
+        self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
+
+    def build(self, features_shape, latent_dim):
+        self.sizes = check_layers(self.latent_layers, latent_dim)
+        self.latent_dim = int(latent_dim)
+        self.order = self.ordered(len(self.sizes))
+        first = self.order[0]
+        self.first = GaussianLayer(
+            self.sizes[first], dtype=self.dtype_policy, name=f"q_{first + 1}"
+        )
+        self.first.build(features_shape)
+        self.layers_after = {}
+        for previous, layer in itertools.pairwise(self.order):
+            net = GaussianLayer(
+                self.sizes[layer],
+                self.layer_hidden_units,
+                self.layer_activation,
+                dtype=self.dtype_policy,
+                name=f"q_{layer + 1}",
+            )
+            net.build((None, self.sizes[previous]), features_shape if self.reads_features else None)
+            self.layers_after[str(layer)] = net
+
+    def call(self, features):
+        mean, log_var = self.first(features)
+        params = {"z_mean": mean, "z_log_var": log_var}
+        if self.reads_features:
+            params["features"] = ops.cast(features, "float32")
+        return params
+
+    def _layer(self, layer, z_previous, params):
+        """(μ, log σ²) of q(z_layer | the layer before it (, x))."""
+        return self.layers_after[str(layer)](z_previous, params.get("features"))
+
+    def distribution(self, params):
+        return LayerChain(
+            gaussian(params["z_mean"], params["z_log_var"]),
+            lambda layer, z_previous: gaussian(*self._layer(layer, z_previous, params)),
+            self.sizes,
+            self.order,
+        )
+
+    def sample_and_log_prob(self, params, num_samples, seed=None, epsilon=None):
+        """z [K, batch, d] and log q(z|x) [K, batch], the sum of the layers' densities."""
+        z, log_q = self.sample_and_layer_log_probs(params, num_samples, seed, epsilon)
+        return z, ops.sum(log_q, axis=0)
+
+    def sample_and_layer_log_probs(self, params, num_samples, seed=None, epsilon=None):
+        """z [K, batch, d] drawn layer by layer in ``order``, and log q(z_l | its parent)
+        for l = 1..L, stacked [L, K, batch]."""
+        if epsilon is None:
+            # At μ = 0, log σ² = 0 the Sampling layer returns its base noise ε [K, batch, d].
+            zeros = ops.zeros((ops.shape(params["z_mean"])[0], self.latent_dim), "float32")
+            epsilon = self.sampling((zeros, zeros), num_samples=num_samples, seed=seed)
+        noise = tf.split(ops.convert_to_tensor(epsilon, "float32"), self.sizes, axis=-1)
+        blocks, log_q = [None] * len(self.sizes), [None] * len(self.sizes)
+        previous = None
+        for layer in self.order:
+            if previous is None:
+                mean, log_var = params["z_mean"], params["z_log_var"]
+            else:
+                mean, log_var = self._layer(layer, blocks[previous], params)
+            blocks[layer] = mean + ops.exp(0.5 * log_var) * noise[layer]
+            log_q[layer] = gaussian(mean, log_var).log_prob(blocks[layer])
+            previous = layer
+        return ops.concatenate(blocks, axis=-1), ops.stack(log_q)
+
+    def sample(self, params, num_samples, seed=None, epsilon=None):
+        return self.sample_and_log_prob(params, num_samples, seed, epsilon)[0]
+
+    def mean(self, params):
+        """z at ε = 0: each layer at its conditional mean given the layer before it."""
+        blocks = [None] * len(self.sizes)
+        previous = None
+        for layer in self.order:
+            if previous is None:
+                blocks[layer] = params["z_mean"]
+            else:
+                blocks[layer] = self._layer(layer, blocks[previous], params)[0]
+            previous = layer
+        return ops.concatenate(blocks, axis=-1)
+
+    def marginals(self, params):
+        return None
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "latent_layers": list(self.latent_layers),
+            "layer_hidden_units": list(self.layer_hidden_units),
+            "layer_activation": self.layer_activation,
+            "seed": self.seed,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class BottomUpPosterior(HierarchicalPosterior):
+    """q(z|x) = q(z_1|x) Π_{l>1} q(z_l | z_{l−1}): z_1 from the encoder's features, each
+    higher layer from the one below it."""
+
+    @staticmethod
+    def ordered(num_layers):
+        return tuple(range(num_layers))
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class TopDownPosterior(HierarchicalPosterior):
+    """q(z|x) = q(z_L|x) Π_{l<L} q(z_l | z_{l+1}, x): z_L from the encoder's features,
+    each lower layer from the one above it and the features, in the prior's order."""
+
+    reads_features = True
+
+    @staticmethod
+    def ordered(num_layers):
+        return tuple(reversed(range(num_layers)))
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class HierarchicalPrior(keras.layers.Layer):
+    """p(z) = p(z_L) Π_{l<L} p(z_l | z_{l+1}): p(z_L) the registered prior ``top_prior``
+    over R^{d_L} (made with ``num_components`` and ``seed``, where it takes them), each
+    p(z_l | z_{l+1}) a diagonal Gaussian from a ``GaussianLayer`` on z_{l+1}."""
+
+    analytic_kl = False
+    reads_posterior = False
+
+    def __init__(
+        self,
+        latent_layers=(),
+        layer_hidden_units=(100, 100),
+        layer_activation="tanh",
+        top_prior="standard_normal",
+        num_components=10,
+        seed=None,
+        name="prior",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.latent_layers = tuple(int(n) for n in latent_layers)
+        self.layer_hidden_units = tuple(int(n) for n in layer_hidden_units)
+        self.layer_activation = layer_activation
+        self.top_prior = top_prior
+        self.num_components = int(num_components)
+        self.seed = seed
+        if top_prior == "hierarchical":
+            raise ValueError("top_prior cannot be 'hierarchical': it is a prior over z_L")
+        self.top = registry.make(
+            "prior", top_prior, {"num_components": num_components, "seed": seed}, name="top"
+        )
+        if self.top.reads_posterior:
+            raise ValueError(
+                f"top_prior {top_prior!r} is built from the posterior of z_L, which the "
+                f"hierarchical prior does not read: use standard_normal, mixture or "
+                f"conditional_gaussian."
+            )
+
+    @property
+    def reads_condition(self):
+        return self.top.reads_condition
+
+    def build(self, latent_shape, data_shape=None, condition_dim=0):
+        latent_dim = int(latent_shape[-1])
+        self.sizes = check_layers(self.latent_layers, latent_dim)
+        self.top.build((self.sizes[-1],), data_shape, condition_dim)
+        self.layers_below = {}
+        for layer in range(len(self.sizes) - 1):
+            net = GaussianLayer(
+                self.sizes[layer],
+                self.layer_hidden_units,
+                self.layer_activation,
+                dtype="float32",
+                name=f"p_{layer + 1}",
+            )
+            net.build((None, self.sizes[layer + 1]))
+            self.layers_below[str(layer)] = net
+
+    def distribution(self, posterior_at=None, c=None):
+        """p(z), drawn top-down: z_L from the top prior (given c(y) if it reads it), then
+        z_l ~ p(z_l | z_{l+1})."""
+        return LayerChain(
+            self.top.distribution(posterior_at, c),
+            lambda layer, z_above: gaussian(*self.layers_below[str(layer)](z_above)),
+            self.sizes,
+            tuple(reversed(range(len(self.sizes)))),
+        )
+
+    def marginals(self, c=None):
+        return None
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "latent_layers": list(self.latent_layers),
+            "layer_hidden_units": list(self.layer_hidden_units),
+            "layer_activation": self.layer_activation,
+            "top_prior": self.top_prior,
+            "num_components": self.num_components,
+            "seed": self.seed,
+        }

@@ -1,0 +1,258 @@
+"""Hierarchical VAEs: a linear-Gaussian two-layer model against its closed-form marginal
+log p(x), a one-layer hierarchy against the one-layer VAE, the per-layer KL terms, ancestral
+sampling, free bits per layer, save/load and the served outputs."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import make_vae
+from scipy.stats import multivariate_normal, norm
+
+from keras_vae import VAE
+from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
+from keras_vae.hierarchy import HierarchicalPrior, TopDownPosterior
+from keras_vae.likelihoods import GaussianLikelihood
+from keras_vae.posteriors import DiagonalGaussian
+from keras_vae.priors import StandardNormal
+from keras_vae.settings import ConfigError
+
+# z_2 ~ N(0, 1), z_1 | z_2 ~ N(A z_2 + a, s1²), x | z_1 ~ N(W z_1 + b, σ² I), x ∈ R³.
+A, a, S1, SIGMA = 1.5, 0.3, 0.6, 0.4
+W, B = np.array([1.0, -0.5, 2.0]), np.array([0.2, 0.0, -0.1])
+
+
+def marginal_log_px(x):
+    """log p(x) = log N(x; W a + b, (A² + s1²) W Wᵀ + σ² I)."""
+    cov = (A**2 + S1**2) * np.outer(W, W) + SIGMA**2 * np.eye(3)
+    return multivariate_normal(W * a + B, cov).logpdf(x)
+
+
+def set_dense(layer, kernel, bias=None):
+    layer.kernel.assign(np.asarray(kernel, "float32"))
+    if bias is not None:
+        layer.bias.assign(np.asarray(bias, "float32"))
+
+
+def linear_gaussian_model(q2_shift=0.0, **settings):
+    """The two-layer linear-Gaussian VAE with its exact posterior q(z_2|x) q(z_1|z_2, x)
+    set by hand (q(z_2|x)'s mean shifted by ``q2_shift``), with the model ``settings``."""
+    encoder = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    decoder = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    model = VAE(
+        encoder,
+        decoder,
+        likelihood=GaussianLikelihood(sigma=SIGMA),
+        prior=HierarchicalPrior((1, 1), layer_hidden_units=()),
+        posterior=TopDownPosterior((1, 1), layer_hidden_units=(), seed=0),
+        latent_dim=2,
+        **settings,
+    )
+    set_dense(decoder.layers[-1], [W, np.zeros(3)], B)  # x reads z_1 only
+    set_dense(model.prior.layers_below["0"].head, [[A, 0.0]], [a, np.log(S1**2)])
+    # p(z_2|x): x | z_2 ~ N(W A z_2 + W a + b, C), C = s1² W Wᵀ + σ² I.
+    c_inv = np.linalg.inv(S1**2 * np.outer(W, W) + SIGMA**2 * np.eye(3))
+    p2 = 1 + A**2 * W @ c_inv @ W
+    g = A * c_inv @ W / p2
+    h = -g @ (W * a + B) + q2_shift
+    set_dense(model.posterior.first.head, np.stack([g, np.zeros(3)], 1), [h, -np.log(p2)])
+    # p(z_1|z_2, x) ∝ N(z_1; A z_2 + a, s1²) N(x; W z_1 + b, σ² I).
+    p1 = 1 / S1**2 + W @ W / SIGMA**2
+    q1 = model.posterior.layers_after["0"]
+    set_dense(
+        q1.head, [[A / (S1**2 * p1), 0.0]], [(a / S1**2 - W @ B / SIGMA**2) / p1, -np.log(p1)]
+    )
+    set_dense(q1.context_dense, np.stack([W / (SIGMA**2 * p1), np.zeros(3)], 1))
+    return model
+
+
+@pytest.fixture
+def x3(rng):
+    z2 = rng.normal(size=6)
+    z1 = A * z2 + a + S1 * rng.normal(size=6)
+    return (z1[:, None] * W + B + SIGMA * rng.normal(size=(6, 3))).astype("float32")
+
+
+def test_with_the_exact_posterior_the_elbo_is_the_closed_form_log_px(x3):
+    model = linear_gaussian_model()
+    scores = model.score(x3, 16, seed=1)
+    np.testing.assert_allclose(scores["elbo"].numpy(), marginal_log_px(x3), atol=2e-4)
+    np.testing.assert_allclose(scores["log_px"].numpy(), marginal_log_px(x3), atol=2e-4)
+
+
+def test_the_importance_weighted_estimate_converges_to_the_closed_form(x3):
+    model = linear_gaussian_model(q2_shift=0.15)
+    k = 20000
+    log_px_z, log_pz, log_qz, _ = model.log_weights(x3, k, seed=2)
+    log_w = (log_px_z + log_pz - log_qz).numpy().astype("float64")
+    w = np.exp(log_w - log_w.max(0))
+    estimate = np.log(w.mean(0)) + log_w.max(0)
+    standard_error = w.std(0) / w.mean(0) / np.sqrt(k)  # of log p̂(x), by the delta method
+    exact = marginal_log_px(x3)
+    assert (np.abs(estimate - exact) < 4 * standard_error + 1e-4).all()
+    assert (standard_error < 0.004).all()
+    assert (model.score(x3, k, seed=2)["elbo"].numpy() < exact - 0.003).all()
+
+
+def test_per_layer_kl_sums_to_the_kl_term_and_each_is_its_monte_carlo_estimate(x3):
+    model = linear_gaussian_model(q2_shift=0.4)
+    assert model.latent_layers == (1, 1)
+    assert [t.name for t in model.metrics[-2:]] == ["kl_1", "kl_2"]
+    epsilon = np.random.default_rng(3).normal(size=(500, 1, 2)).astype("float32")
+    draws = model._draws(x3, None, 500, training=False, epsilon=epsilon)
+    z = draws["z"].numpy()
+    # Independently: log q(z_2|x) − log p(z_2) and log q(z_1|z_2, x) − log p(z_1|z_2).
+    params = model.encode_params(x3)
+    m2, v2 = params["z_mean"].numpy()[:, 0], np.exp(params["z_log_var"].numpy()[:, 0])
+    kl_2 = (norm.logpdf(z[..., 1], m2, np.sqrt(v2)) - norm.logpdf(z[..., 1])).mean(0)
+    p1 = 1 / S1**2 + W @ W / SIGMA**2
+    m1 = ((A * z[..., 1] + a) / S1**2 + (x3 - B) @ W / SIGMA**2) / p1
+    log_q1 = norm.logpdf(z[..., 0], m1, np.sqrt(1 / p1))
+    kl_1 = (log_q1 - norm.logpdf(z[..., 0], A * z[..., 1] + a, S1)).mean(0)
+    np.testing.assert_allclose(draws["layer_kl"].numpy(), [kl_1, kl_2], rtol=1e-4, atol=1e-4)
+    terms = model.compute_terms(x3)
+    np.testing.assert_allclose(terms["kl_1"] + terms["kl_2"], terms["kl_loss"], atol=1e-5)
+
+
+def test_top_down_sampling_gives_the_prior_moments():
+    model = linear_gaussian_model()
+    z = model.sample_prior(40000, seed=4).numpy()
+    # z_2 ~ N(0, 1); z_1 = A z_2 + a + s1 e: mean a, variance A² + s1², Cov(z_1, z_2) = A.
+    se = 4 / np.sqrt(40000)
+    np.testing.assert_allclose(z.mean(0), [a, 0.0], atol=se * np.sqrt(A**2 + S1**2))
+    cov = np.cov(z.T)
+    np.testing.assert_allclose(cov, [[A**2 + S1**2, A], [A, 1.0]], rtol=0.04)
+
+
+def test_a_one_layer_hierarchy_is_the_one_layer_vae(rng):
+    x = (rng.uniform(size=(5, 8, 8, 1)) > 0.5).astype("float32")
+    flat = make_vae((8, 8, 1), latent_dim=3, hidden_units=(16,), seed=0, kl="mc")
+    keras.utils.set_random_seed(0)
+    deep = VAE(
+        flat.encoder,
+        flat.decoder,
+        prior=HierarchicalPrior(),
+        posterior=TopDownPosterior(seed=0),
+        latent_dim=3,
+    )
+    assert deep.latent_layers == ()
+    head = deep.posterior.first.head
+    heads = flat.posterior.z_mean_head, flat.posterior.z_log_var_head
+    set_dense(head, np.concatenate([h.kernel.numpy() for h in heads], 1))
+    head.bias.assign(np.concatenate([h.bias.numpy() for h in heads]))
+    epsilon = score_epsilon(3)
+    for key in ("elbo", "log_px"):
+        np.testing.assert_allclose(
+            deep.score(x, SCORE_SAMPLES, epsilon=epsilon)[key].numpy(),
+            flat.score(x, SCORE_SAMPLES, epsilon=epsilon)[key].numpy(),
+            rtol=1e-5,
+        )
+    np.testing.assert_allclose(deep.reconstruct(x).numpy(), flat.reconstruct(x).numpy(), 1e-6)
+    assert isinstance(flat.posterior, DiagonalGaussian)
+    assert isinstance(flat.prior, StandardNormal)
+
+
+def test_the_bottom_up_posterior_is_q_z1_given_x_times_q_z2_given_z1(rng):
+    model = make_vae(
+        (8, 8, 1),
+        hidden_units=(16,),
+        posterior="bottom_up",
+        prior="hierarchical",
+        latent_layers=(3, 2),
+        latent_dim=5,
+        layer_hidden_units=(),
+    )
+    x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
+    params = model.encode_params(x)
+    z, log_q = model.posterior.sample_and_log_prob(params, 7, seed=5)
+    z = z.numpy()
+    net = model.posterior.layers_after["1"].head
+    out = z[..., :3] @ net.kernel.numpy() + net.bias.numpy()
+    expected = log_normal(z[..., :3], params["z_mean"], params["z_log_var"]) + log_normal(
+        z[..., 3:], out[..., :2], out[..., 2:]
+    )
+    np.testing.assert_allclose(log_q.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        model.posterior.distribution(params).log_prob(z).numpy(), expected, rtol=1e-5
+    )
+
+
+def log_normal(z, mean, log_var):
+    return norm.logpdf(z, np.asarray(mean), np.exp(0.5 * np.asarray(log_var))).sum(-1)
+
+
+def test_free_bits_floor_each_layer_and_leave_the_reported_elbo(x3):
+    plain = linear_gaussian_model(q2_shift=0.4)
+    terms = plain.compute_terms(x3, seed=0)
+    floor = float(max(terms["kl_1"].numpy().mean(), terms["kl_2"].numpy().mean())) + 1
+    floored = linear_gaussian_model(q2_shift=0.4, free_bits=floor)
+    for model, kl_gradient in ((plain, True), (floored, False)):
+        with tf.GradientTape() as tape:
+            terms = model.compute_terms(x3, training=True, seed=0)
+            loss = tf.reduce_mean(terms["loss"])
+        # p(z_1|z_2)'s weights reach the loss through the KL term alone.
+        gradients = tape.gradient(loss, model.prior.trainable_weights)
+        assert any(g is not None and np.abs(g.numpy()).max() > 0 for g in gradients) == kl_gradient
+    # Both layers (d_l = 1) under the floor λ: the loss's KL term is 2λ; the ELBO is the true one.
+    np.testing.assert_allclose(terms["loss"], terms["reconstruction_loss"] + 2 * floor, rtol=1e-6)
+    np.testing.assert_allclose(
+        terms["elbo"].numpy(), plain.compute_terms(x3, seed=0)["elbo"].numpy(), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"latent_layers": (2, 2)}, "'latent_layers' must sum to latent_dim"),
+        ({"latent_layers": (0, 3)}, "'latent_layers' must have sizes >= 1"),
+        ({"layer_hidden_units": (0,)}, "'layer_hidden_units' must have widths >= 1"),
+        ({"top_prior": "vamp"}, "'top_prior' must be one of"),
+    ],
+)
+def test_bad_hierarchy_settings_are_named(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_vae((8, 8, 1), latent_dim=3, posterior="top_down", prior="hierarchical", **settings)
+
+
+def test_a_top_prior_built_from_the_posterior_is_refused():
+    with pytest.raises(ValueError, match="top_prior 'vamp' is built from the posterior"):
+        HierarchicalPrior((2, 1), top_prior="vamp")
+
+
+@pytest.mark.parametrize("posterior", ["top_down", "bottom_up"])
+def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(posterior, tmp_path, rng):
+    keras.utils.set_random_seed(0)
+    model = make_vae(
+        (8, 8, 1),
+        hidden_units=(16,),
+        latent_dim=5,
+        latent_layers=(3, 2),
+        layer_hidden_units=(8,),
+        posterior=posterior,
+        prior="hierarchical",
+        top_prior="mixture",
+        num_components=3,
+    )
+    x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
+    model.compile(optimizer="adam")
+    history = model.fit(x, epochs=1, batch_size=16, verbose=0).history
+    assert {"kl_1", "kl_2"} <= set(history)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    for a_, b_ in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(a_.numpy(), b_.numpy())
+    epsilon = score_epsilon(5)
+    expected = model.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
+    again = restored.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
+    served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "m")))
+    scored = served.signatures["score"](x=tf.constant(x[:4]))
+    sampled = served.signatures["sample"](seed=tf.constant([5, 6], tf.int64))
+    for key in ("elbo", "log_px"):
+        np.testing.assert_allclose(again[key].numpy(), expected[key].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(scored[key].numpy(), expected[key].numpy(), rtol=1e-4)
+    z = np.stack([model.sample_prior(1, seed=(s, 0)).numpy()[0] for s in (5, 6)])
+    np.testing.assert_allclose(sampled["z"].numpy(), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sampled["mean"].numpy(), model.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
+    )
