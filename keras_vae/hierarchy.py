@@ -6,7 +6,10 @@ side by side in the model's z = [z_1, …, z_L] ∈ R^d, d = Σ_l d_l.
 - posterior ``BottomUpPosterior``: q(z|x) = q(z_1|x) Π_{l>1} q(z_l | z_{l−1}) (the IWAE
   paper's two-layer model);
 - posterior ``TopDownPosterior``: q(z|x) = q(z_L|x) Π_{l<L} q(z_l | z_{l+1}, x) (the
-  VampPrior paper's HVAE): it draws z in the generative model's order.
+  VampPrior paper's HVAE): it draws z in the generative model's order;
+- posterior ``LadderPosterior``: top-down like it, each q(z_l | z_{l+1}, x) the
+  precision-weighted merge of a bottom-up estimate from x with the prior's own
+  p(z_l | z_{l+1}) (the Ladder VAE), so that inference shares the generative path.
 
 Each conditional factor is a diagonal Gaussian whose mean and log variance an MLP computes
 (``GaussianLayer``). The decoder reads all of z. log q(z|x) and log p(z) are exact sums of
@@ -15,6 +18,7 @@ KL(q ‖ p) has no closed form and is estimated by Monte Carlo.
 """
 
 import itertools
+import weakref
 
 import keras
 import tensorflow as tf
@@ -301,6 +305,83 @@ class TopDownPosterior(HierarchicalPosterior):
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
+class LadderPosterior(TopDownPosterior):
+    """The Ladder VAE's posterior (Sønderby et al., 2016). A bottom-up pass, h_1 the
+    encoder's features and h_l an MLP (``layer_hidden_units``) of h_{l−1}, gives each layer
+    an estimate N(μ̂_l, σ̂_l²) (linear heads on h_l); then top-down q(z_L|x) = N(μ̂_L, σ̂_L²)
+    and q(z_l | z_{l+1}, x) ∝ N(z_l; μ̂_l, σ̂_l²) p(z_l | z_{l+1}), the precision-weighted
+    merge with the model's hierarchical prior:
+
+        σ_l⁻² = σ̂_l⁻² + σ_p⁻²,   μ_l = σ_l² (μ̂_l σ̂_l⁻² + μ_p σ_p⁻²),
+
+    (μ_p, σ_p²) those of p(z_l | z_{l+1}). The prior's networks are shared, not copied: the
+    model attaches its prior (``reads_prior``), which must be a ``HierarchicalPrior`` over
+    the same layers. The parameters (``call``) are every layer's (μ̂_l, log σ̂_l²), functions
+    of x alone."""
+
+    reads_features = False
+    reads_prior = True
+
+    def build(self, features_shape, latent_dim):
+        self.sizes = check_layers(self.latent_layers, latent_dim)
+        self.latent_dim = int(latent_dim)
+        self.order = self.ordered(len(self.sizes))
+        dtype = self.dtype_policy
+        self.deterministic, self.estimates = [], []
+        shape = tuple(features_shape)
+        for layer, size in enumerate(self.sizes):
+            if layer > 0:  # h_l = MLP(h_{l−1})
+                mlp = []
+                for i, units in enumerate(self.layer_hidden_units):
+                    dense = Dense(
+                        units,
+                        activation=self.layer_activation,
+                        dtype=dtype,
+                        name=f"h_{layer + 1}_{i}",
+                    )
+                    dense.build(shape)
+                    mlp.append(dense)
+                    shape = (None, units)
+                self.deterministic.append(mlp)
+            estimate = GaussianLayer(size, dtype=dtype, name=f"estimate_{layer + 1}")
+            estimate.build(shape)
+            self.estimates.append(estimate)
+
+    def attach(self, prior):
+        """Reads p(z_l | z_{l+1}) from ``prior``, which the model owns and saves."""
+        if getattr(prior, "sizes", None) != self.sizes or not hasattr(prior, "conditional"):
+            raise ValueError(
+                f"the ladder posterior merges with the prior's p(z_l|z_l+1): it needs "
+                f"prior='hierarchical' over the same latent_layers {list(self.sizes)}; got "
+                f"{type(prior).__name__}."
+            )
+        self._prior = weakref.ref(prior)
+
+    def call(self, features):
+        params = {}
+        h = features
+        for layer, estimate in enumerate(self.estimates):
+            if layer > 0:
+                for dense in self.deterministic[layer - 1]:
+                    h = dense(h)
+            mean, log_var = estimate(h)
+            top = layer == len(self.sizes) - 1
+            params["z_mean" if top else f"z_mean_{layer + 1}"] = mean
+            params["z_log_var" if top else f"z_log_var_{layer + 1}"] = log_var
+        return params
+
+    def _layer(self, layer, z_previous, params):
+        """(μ, log σ²) of the merge of N(μ̂_l, σ̂_l²) with p(z_l | z_{l+1})."""
+        prior_mean, prior_log_var = self._prior().conditional(layer, z_previous)
+        mean, log_var = params[f"z_mean_{layer + 1}"], params[f"z_log_var_{layer + 1}"]
+        merged_log_var = -ops.logaddexp(-log_var, -prior_log_var)
+        merged_mean = ops.exp(merged_log_var) * (
+            mean * ops.exp(-log_var) + prior_mean * ops.exp(-prior_log_var)
+        )
+        return merged_mean, merged_log_var
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
 class HierarchicalPrior(keras.layers.Layer):
     """p(z) = p(z_L) Π_{l<L} p(z_l | z_{l+1}): p(z_L) the registered prior ``top_prior``
     over R^{d_L} (made with ``num_components`` and ``seed``, where it takes them), each
@@ -359,12 +440,16 @@ class HierarchicalPrior(keras.layers.Layer):
             net.build((None, self.sizes[layer + 1]))
             self.layers_below[str(layer)] = net
 
+    def conditional(self, layer, z_above):
+        """(μ, log σ²) of p(z_layer | z_{layer+1}) (0-based ``layer`` < L − 1)."""
+        return self.layers_below[str(layer)](z_above)
+
     def distribution(self, posterior_at=None, c=None):
         """p(z), drawn top-down: z_L from the top prior (given c(y) if it reads it), then
         z_l ~ p(z_l | z_{l+1})."""
         return LayerChain(
             self.top.distribution(posterior_at, c),
-            lambda layer, z_above: gaussian(*self.layers_below[str(layer)](z_above)),
+            lambda layer, z_above: gaussian(*self.conditional(layer, z_above)),
             self.sizes,
             tuple(reversed(range(len(self.sizes)))),
         )

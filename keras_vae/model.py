@@ -135,6 +135,8 @@ class VAE(keras.Model):
             self.prior.build((self.latent_dim,), self.data_shape, self.condition_dim)
         if not self.likelihood.built:
             self.likelihood.build(self.data_shape)
+        if getattr(self.posterior, "reads_prior", False):
+            self.posterior.attach(self.prior)  # a posterior that shares the prior's networks
         # KL(q(z_l|·) ‖ p(z_l|·)) per stochastic layer, where q and p share their layers.
         self.layer_kl_trackers = [
             keras.metrics.Mean(name=f"kl_{layer + 1}") for layer in range(len(self.latent_layers))

@@ -216,8 +216,9 @@ class DistributionsConfig:
     posterior: str = setting(
         "diagonal_gaussian",
         "q_φ(z|x): diagonal_gaussian (N(μ_φ(x), diag σ²_φ(x))), iaf (that Gaussian followed "
-        "by an inverse autoregressive flow), bottom_up (q(z_1|x) Π q(z_l|z_l−1)) or "
-        "top_down (q(z_L|x) Π q(z_l|z_l+1, x)) over the latent_layers",
+        "by an inverse autoregressive flow); over the latent_layers: bottom_up (q(z_1|x) "
+        "Π q(z_l|z_l−1)), top_down (q(z_L|x) Π q(z_l|z_l+1, x)) or ladder (top-down, each "
+        "layer a bottom-up estimate merged with the hierarchical prior's p(z_l|z_l+1))",
         choices=lambda: registry.names("posterior"),
     )
     flow_steps: int = setting(

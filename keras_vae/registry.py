@@ -45,6 +45,7 @@ REGISTRY = {
         "iaf": Entry("keras_vae.iaf:IAFPosterior"),
         "bottom_up": Entry("keras_vae.hierarchy:BottomUpPosterior"),
         "top_down": Entry("keras_vae.hierarchy:TopDownPosterior"),
+        "ladder": Entry("keras_vae.hierarchy:LadderPosterior"),
     },
 }
 

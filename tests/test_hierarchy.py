@@ -11,7 +11,7 @@ from scipy.stats import multivariate_normal, norm
 
 from keras_vae import VAE
 from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
-from keras_vae.hierarchy import HierarchicalPrior, TopDownPosterior
+from keras_vae.hierarchy import HierarchicalPrior, LadderPosterior, TopDownPosterior
 from keras_vae.likelihoods import GaussianLikelihood
 from keras_vae.posteriors import DiagonalGaussian
 from keras_vae.priors import StandardNormal
@@ -34,9 +34,10 @@ def set_dense(layer, kernel, bias=None):
         layer.bias.assign(np.asarray(bias, "float32"))
 
 
-def linear_gaussian_model(q2_shift=0.0, **settings):
+def linear_gaussian_model(q2_shift=0.0, posterior=TopDownPosterior, **settings):
     """The two-layer linear-Gaussian VAE with its exact posterior q(z_2|x) q(z_1|z_2, x)
-    set by hand (q(z_2|x)'s mean shifted by ``q2_shift``), with the model ``settings``."""
+    set by hand (q(z_2|x)'s mean shifted by ``q2_shift``), the top-down or the ladder
+    ``posterior``, with the model ``settings``."""
     encoder = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
     decoder = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
     model = VAE(
@@ -44,7 +45,7 @@ def linear_gaussian_model(q2_shift=0.0, **settings):
         decoder,
         likelihood=GaussianLikelihood(sigma=SIGMA),
         prior=HierarchicalPrior((1, 1), layer_hidden_units=()),
-        posterior=TopDownPosterior((1, 1), layer_hidden_units=(), seed=0),
+        posterior=posterior((1, 1), layer_hidden_units=(), seed=0),
         latent_dim=2,
         **settings,
     )
@@ -55,7 +56,17 @@ def linear_gaussian_model(q2_shift=0.0, **settings):
     p2 = 1 + A**2 * W @ c_inv @ W
     g = A * c_inv @ W / p2
     h = -g @ (W * a + B) + q2_shift
-    set_dense(model.posterior.first.head, np.stack([g, np.zeros(3)], 1), [h, -np.log(p2)])
+    q2 = model.posterior.estimates[1] if posterior is LadderPosterior else model.posterior.first
+    set_dense(q2.head, np.stack([g, np.zeros(3)], 1), [h, -np.log(p2)])
+    if posterior is LadderPosterior:
+        # p(x|z_1) as a function of z_1 is N(z_1; Wᵀ(x − b)/WᵀW, σ²/WᵀW): the estimate
+        # that the merge with p(z_1|z_2) turns into p(z_1|z_2, x).
+        set_dense(
+            model.posterior.estimates[0].head,
+            np.stack([W / (W @ W), np.zeros(3)], 1),
+            [-W @ B / (W @ W), np.log(SIGMA**2 / (W @ W))],
+        )
+        return model
     # p(z_1|z_2, x) ∝ N(z_1; A z_2 + a, s1²) N(x; W z_1 + b, σ² I).
     p1 = 1 / S1**2 + W @ W / SIGMA**2
     q1 = model.posterior.layers_after["0"]
@@ -73,8 +84,9 @@ def x3(rng):
     return (z1[:, None] * W + B + SIGMA * rng.normal(size=(6, 3))).astype("float32")
 
 
-def test_with_the_exact_posterior_the_elbo_is_the_closed_form_log_px(x3):
-    model = linear_gaussian_model()
+@pytest.mark.parametrize("posterior", [TopDownPosterior, LadderPosterior])
+def test_with_the_exact_posterior_the_elbo_is_the_closed_form_log_px(posterior, x3):
+    model = linear_gaussian_model(posterior=posterior)
     scores = model.score(x3, 16, seed=1)
     np.testing.assert_allclose(scores["elbo"].numpy(), marginal_log_px(x3), atol=2e-4)
     np.testing.assert_allclose(scores["log_px"].numpy(), marginal_log_px(x3), atol=2e-4)
@@ -214,12 +226,17 @@ def test_bad_hierarchy_settings_are_named(settings, message):
         make_vae((8, 8, 1), latent_dim=3, posterior="top_down", prior="hierarchical", **settings)
 
 
+def test_the_ladder_posterior_needs_the_hierarchical_prior_over_its_layers():
+    with pytest.raises(ValueError, match="it needs prior='hierarchical' over the same"):
+        make_vae((8, 8, 1), latent_dim=3, latent_layers=(2, 1), posterior="ladder")
+
+
 def test_a_top_prior_built_from_the_posterior_is_refused():
     with pytest.raises(ValueError, match="top_prior 'vamp' is built from the posterior"):
         HierarchicalPrior((2, 1), top_prior="vamp")
 
 
-@pytest.mark.parametrize("posterior", ["top_down", "bottom_up"])
+@pytest.mark.parametrize("posterior", ["top_down", "bottom_up", "ladder"])
 def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(posterior, tmp_path, rng):
     keras.utils.set_random_seed(0)
     model = make_vae(
