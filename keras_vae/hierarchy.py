@@ -298,6 +298,7 @@ class TopDownPosterior(HierarchicalPosterior):
     each lower layer from the one above it and the features, in the prior's order."""
 
     reads_features = True
+    top_down = True
 
     @staticmethod
     def ordered(num_layers):
@@ -385,10 +386,13 @@ class LadderPosterior(TopDownPosterior):
 class HierarchicalPrior(keras.layers.Layer):
     """p(z) = p(z_L) Π_{l<L} p(z_l | z_{l+1}): p(z_L) the registered prior ``top_prior``
     over R^{d_L} (made with ``num_components`` and ``seed``, where it takes them), each
-    p(z_l | z_{l+1}) a diagonal Gaussian from a ``GaussianLayer`` on z_{l+1}."""
+    p(z_l | z_{l+1}) a diagonal Gaussian from a ``GaussianLayer`` on z_{l+1}. A top prior
+    built from the posterior (the VampPrior) reads q(z_L|x) of a top-down posterior."""
 
     analytic_kl = False
-    reads_posterior = False
+    posterior_requirement = (
+        "a top-down posterior (top_down or ladder), whose q(z_L|x) its top prior reads"
+    )
 
     def __init__(
         self,
@@ -413,16 +417,17 @@ class HierarchicalPrior(keras.layers.Layer):
         self.top = registry.make(
             "prior", top_prior, {"num_components": num_components, "seed": seed}, name="top"
         )
-        if self.top.reads_posterior:
-            raise ValueError(
-                f"top_prior {top_prior!r} is built from the posterior of z_L, which the "
-                f"hierarchical prior does not read: use standard_normal, mixture or "
-                f"conditional_gaussian."
-            )
 
     @property
     def reads_condition(self):
         return self.top.reads_condition
+
+    @property
+    def reads_posterior(self):
+        return self.top.reads_posterior
+
+    def can_read(self, posterior):
+        return getattr(posterior, "top_down", False)
 
     def build(self, latent_shape, data_shape=None, condition_dim=0):
         latent_dim = int(latent_shape[-1])
@@ -447,8 +452,13 @@ class HierarchicalPrior(keras.layers.Layer):
     def distribution(self, posterior_at=None, c=None):
         """p(z), drawn top-down: z_L from the top prior (given c(y) if it reads it), then
         z_l ~ p(z_l | z_{l+1})."""
+        if self.top.reads_posterior:
+            # A top-down posterior draws z_L first: its first factor is q(z_L|x).
+            top = self.top.distribution(lambda x: posterior_at(x).first, c)
+        else:
+            top = self.top.distribution(posterior_at, c)
         return LayerChain(
-            self.top.distribution(posterior_at, c),
+            top,
             lambda layer, z_above: gaussian(*self.conditional(layer, z_above)),
             self.sizes,
             tuple(reversed(range(len(self.sizes)))),

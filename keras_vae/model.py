@@ -98,11 +98,10 @@ class VAE(keras.Model):
             raise ValueError(
                 f"{prior} is p(z|y): it needs a conditional model (num_classes or condition_dim)."
             )
-        if self.prior.reads_posterior and not self.posterior.params_complete:
-            # Its density at z for K other examples' parameters would invert K flows per z.
+        if self.prior.reads_posterior and not self.prior.can_read(self.posterior):
             raise ValueError(
-                f"{prior} is built from the posterior q_φ(z|x) and needs one that is a "
-                f"function of its parameters alone, not {posterior}: use another prior or "
+                f"{prior} is built from the posterior q_φ(z|x) and needs "
+                f"{self.prior.posterior_requirement}, not {posterior}: use another prior or "
                 f"posterior."
             )
         if self.config.kl == "analytic" and not self.has_analytic_kl:

@@ -252,9 +252,7 @@ class DistributionsConfig:
     )
     top_prior: str = setting(
         "standard_normal",
-        "hierarchical prior: p(z_L), a prior that does not read the posterior "
-        "(standard_normal, mixture, conditional_gaussian)",
-        choices=lambda: tuple(
-            n for n in registry.names("prior") if n not in ("hierarchical", "vamp")
-        ),
+        "hierarchical prior: p(z_L), one of the other priors (vamp: the mixture of q(z_L|x) "
+        "at the pseudo-inputs, with a top-down posterior)",
+        choices=lambda: tuple(n for n in registry.names("prior") if n != "hierarchical"),
     )

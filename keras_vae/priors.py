@@ -11,6 +11,8 @@ A prior is a Keras layer (so that a learned prior's weights are tracked and save
   shape [d] ([n, d]) when p(z) = Π_j p(z_j), else None (per-dimension KL and free bits
   need them);
 - ``reads_posterior``: whether p is built from q_φ (so that φ reaches log p(z) directly);
+  such a prior also has ``can_read(posterior)``, whether it can be built from that
+  posterior, and ``posterior_requirement``, what it needs, in words;
 - ``reads_condition``: whether p is p(z|y), a function of a conditional model's c(y);
 - ``analytic_kl``: whether KL(q_φ(z|x) ‖ p(z)) has a closed form (``tfd.kl_divergence``)
   for the model's posterior; where it has none the model estimates it by Monte Carlo.

@@ -20,6 +20,12 @@ class VampPrior(MixturePrior):
     """
 
     reads_posterior = True
+    posterior_requirement = "one that is a function of its parameters alone"
+
+    @staticmethod
+    def can_read(posterior):
+        # Its density at z for K other examples' parameters would invert K flows per z.
+        return posterior.params_complete
 
     def build(self, latent_shape, data_shape, condition_dim=0):
         self.pseudo_inputs = self.add_weight(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import make_vae
+from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
 from keras_vae import VAE
@@ -218,7 +219,7 @@ def test_free_bits_floor_each_layer_and_leave_the_reported_elbo(x3):
         ({"latent_layers": (2, 2)}, "'latent_layers' must sum to latent_dim"),
         ({"latent_layers": (0, 3)}, "'latent_layers' must have sizes >= 1"),
         ({"layer_hidden_units": (0,)}, "'layer_hidden_units' must have widths >= 1"),
-        ({"top_prior": "vamp"}, "'top_prior' must be one of"),
+        ({"top_prior": "hierarchical"}, "'top_prior' must be one of"),
     ],
 )
 def test_bad_hierarchy_settings_are_named(settings, message):
@@ -231,13 +232,42 @@ def test_the_ladder_posterior_needs_the_hierarchical_prior_over_its_layers():
         make_vae((8, 8, 1), latent_dim=3, latent_layers=(2, 1), posterior="ladder")
 
 
-def test_a_top_prior_built_from_the_posterior_is_refused():
-    with pytest.raises(ValueError, match="top_prior 'vamp' is built from the posterior"):
-        HierarchicalPrior((2, 1), top_prior="vamp")
+def test_a_vamp_prior_on_top_is_the_mixture_of_q_z_top_at_its_pseudo_inputs(rng):
+    model = make_vae(
+        (8, 8, 1),
+        hidden_units=(16,),
+        latent_dim=5,
+        latent_layers=(3, 2),
+        posterior="ladder",
+        prior="hierarchical",
+        top_prior="vamp",
+        num_components=4,
+    )
+    z = rng.normal(size=(6, 5)).astype("float32")
+    params = model.encode_params(model.prior.top.pseudo_inputs)  # q(z_2|u_k), k = 1..4
+    components = log_normal(z[:, None, 3:], params["z_mean"][None], params["z_log_var"][None])
+    log_p_top = model.prior.distribution(model._posterior_at).layer_log_probs(z)[1]
+    np.testing.assert_allclose(log_p_top, logsumexp(components, axis=1) - np.log(4), rtol=1e-5)
 
 
-@pytest.mark.parametrize("posterior", ["top_down", "bottom_up", "ladder"])
-def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(posterior, tmp_path, rng):
+def test_a_vamp_prior_on_top_needs_a_top_down_posterior():
+    with pytest.raises(ValueError, match="needs a top-down posterior"):
+        make_vae(
+            (8, 8, 1),
+            latent_dim=3,
+            latent_layers=(2, 1),
+            posterior="bottom_up",
+            prior="hierarchical",
+            top_prior="vamp",
+        )
+
+
+@pytest.mark.parametrize(
+    "posterior, top_prior", [("top_down", "mixture"), ("bottom_up", "mixture"), ("ladder", "vamp")]
+)
+def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
+    posterior, top_prior, tmp_path, rng
+):
     keras.utils.set_random_seed(0)
     model = make_vae(
         (8, 8, 1),
@@ -247,7 +277,7 @@ def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(posterior, t
         layer_hidden_units=(8,),
         posterior=posterior,
         prior="hierarchical",
-        top_prior="mixture",
+        top_prior=top_prior,
         num_components=3,
     )
     x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
