@@ -3,6 +3,7 @@ followed by T autoregressive affine steps conditioned on the encoder's features.
 
 import functools
 import itertools
+import math
 
 import keras
 import numpy as np
@@ -15,15 +16,22 @@ from keras_vae.posteriors import DiagonalGaussian
 tfb = tfp.bijectors
 tfd = tfp.distributions
 
+GATE_EPSILON = 0.5  # σ ∈ (0, 1 + ε); σ = 1 at r = 0
+
 
 @keras.saving.register_keras_serializable(package="keras_vae")
 class AutoregressiveStep(keras.layers.Layer):
-    """(shift, log_scale) of one flow step: a MADE over z ∈ R^d whose hidden layers also
-    read the context h, h_1 = a(M_1⊙W_1 z + V_1 h + b_1), h_l = a(M_l⊙W_l h_{l−1} + V_l h +
-    b_l), with outputs shift = M_o⊙W_o h_L + b_o and log_scale = 3 tanh((M_o⊙U_o h_L +
-    c_o) / 3), so that both outputs at i depend on the z before z_i only.
-    With ``reverse`` the order is z_d, …, z_1. The output weights start at zero: the step
-    starts as the identity."""
+    """One step of the gated update z' = σ ⊙ z + (1 − σ) ⊙ m (Kingma et al., 2016, the
+    numerically stable form), given as the (shift, log_scale) of TFP's masked autoregressive
+    flow, z' = (z − shift) ⊙ exp(−log_scale): log_scale = −log σ, shift = −(1 − σ) ⊙ m / σ.
+
+    m and the gate's pre-activation r come from a MADE over z ∈ R^d whose hidden layers
+    also read the context h, h_1 = a(M_1⊙W_1 z + V_1 h + b_1), h_l = a(M_l⊙W_l h_{l−1} +
+    V_l h + b_l), m = M_o⊙W_o h_L + b_o, r = M_o⊙U_o h_L + c_o, so that both at i depend
+    on the z before z_i only; σ = (1 + ε) sigmoid(log(1/ε) + 8 tanh(r/8)) with ε = ½, in
+    (0.001, 1.5): a step shrinks z toward m, or stretches it by at most 1.5. With
+    ``reverse`` the order is z_d, …, z_1. The output weights start at zero, where σ = 1:
+    the step starts as the identity."""
 
     def __init__(self, hidden_units=(320,), activation="elu", reverse=False, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -54,10 +62,10 @@ class AutoregressiveStep(keras.layers.Layer):
                 self.add_weight(shape=(int(context_dim), fan_out), initializer=init)
             )
             self.biases.append(self.add_weight(shape=(fan_out,), initializer="zeros"))
-        self.shift_kernel = self.add_weight(shape=(widths[-1], d), initializer="zeros")
-        self.shift_bias = self.add_weight(shape=(d,), initializer="zeros")
-        self.log_scale_kernel = self.add_weight(shape=(widths[-1], d), initializer="zeros")
-        self.log_scale_bias = self.add_weight(shape=(d,), initializer="zeros")
+        self.mean_kernel = self.add_weight(shape=(widths[-1], d), initializer="zeros")
+        self.mean_bias = self.add_weight(shape=(d,), initializer="zeros")
+        self.gate_kernel = self.add_weight(shape=(widths[-1], d), initializer="zeros")
+        self.gate_bias = self.add_weight(shape=(d,), initializer="zeros")
 
     def call(self, z, context):
         """z [..., n, d] and h [n, context_dim] → (shift, log_scale), each [..., n, d]."""
@@ -68,10 +76,14 @@ class AutoregressiveStep(keras.layers.Layer):
             h = self.activation(
                 ops.matmul(h, kernel * mask) + ops.matmul(context, context_kernel) + bias
             )
-        shift = ops.matmul(h, self.shift_kernel * self._output_mask) + self.shift_bias
-        log_scale = ops.matmul(h, self.log_scale_kernel * self._output_mask) + self.log_scale_bias
-        # A soft bound |log_scale| < 3 keeps each step's scale, and its inverse's, finite.
-        return shift, 3.0 * ops.tanh(log_scale / 3.0)
+        m = ops.matmul(h, self.mean_kernel * self._output_mask) + self.mean_bias
+        r = ops.matmul(h, self.gate_kernel * self._output_mask) + self.gate_bias
+        # A stretch of at most 1.5 per step keeps a wide z_0 from being amplified into the
+        # prior's far tail; the soft bound on r keeps 1/σ finite.
+        log_sigma = math.log(1 + GATE_EPSILON) + ops.log_sigmoid(
+            -math.log(GATE_EPSILON) + 8.0 * ops.tanh(r / 8.0)
+        )
+        return -m * ops.expm1(-log_sigma), -log_sigma
 
     def get_config(self):
         return {
@@ -86,11 +98,11 @@ class AutoregressiveStep(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="keras_vae")
 class IAFPosterior(keras.layers.Layer):
     """q_φ(z|x): z_0 = μ_φ(x) + σ_φ(x) ⊙ ε (``DiagonalGaussian``), then for t = 1..T
-    z_t = (z_{t−1} − shift_t) ⊙ exp(−log_scale_t), (shift_t, log_scale_t) autoregressive
-    in z_{t−1} and conditioned on the encoder's features h, in the order z_1..z_d for odd t
-    and z_d..z_1 for even t. The Jacobian is triangular, so
+    z_t = σ_t ⊙ z_{t−1} + (1 − σ_t) ⊙ m_t (``AutoregressiveStep``), (σ_t, m_t)
+    autoregressive in z_{t−1} and conditioned on the encoder's features h, in the order
+    z_1..z_d for odd t and z_d..z_1 for even t. The Jacobian is triangular, so
 
-        log q_φ(z_T|x) = log N(z_0; μ, diag σ²) + Σ_t Σ_i log_scale_{t,i}
+        log q_φ(z_T|x) = log N(z_0; μ, diag σ²) − Σ_t Σ_i log σ_{t,i}
 
     exactly. Each step is TFP's ``Invert(MaskedAutoregressiveFlow)``: one network pass
     per step to sample (and to score a z the posterior drew), D sequential passes to
