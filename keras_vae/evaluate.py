@@ -98,8 +98,10 @@ class _Accumulator:
 
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``kl``, ``log_px``, ``log_px_se`` (K draws),
-    and ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws);
-    for a conditional model, of log p(x|y) given the labels y."""
+    ``kl_by_layer`` [L, N] (each stochastic layer's Monte Carlo term of the KL, the mean over
+    the draws of log q(z_l|·) − log p(z_l|·); L = 0 without ``latent_layers``), and
+    ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws); for a
+    conditional model, of log p(x|y) given the labels y."""
     for name, value in (
         ("num_samples", num_samples),
         ("batch_size", batch_size),
@@ -129,18 +131,23 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
             tf.range(first, first + count),
             fn_output_signature=tf.float32,
         )
-        log_px_z, log_pz, log_qz, kl = model.log_weights(x_batch, epsilon=epsilon, y=y_batch)
-        return log_px_z + log_pz - log_qz, log_px_z, kl
+        log_px_z, log_pz, log_qz, kl, by_layer = model.log_weights(
+            x_batch, epsilon=epsilon, y=y_batch, by_layer=True
+        )
+        if by_layer is None:
+            return log_px_z + log_pz - log_qz, log_px_z, kl, tf.zeros([0, tf.shape(x_batch)[0]])
+        return log_px_z + log_pz - log_qz, log_px_z, kl, tf.reduce_sum(by_layer, axis=1)
 
-    out = {key: [] for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se")}
+    out = {key: [] for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se", "kl_by_layer")}
     by_k = {k: [] for k in ladder}
     for b, start in enumerate(range(0, len(x), batch_size)):
         x_batch = tf.constant(x[start : start + batch_size])
         y_batch = None if not model.conditional else tf.constant(y[start : start + batch_size])
         acc = _Accumulator(len(x_batch), num_samples)
+        layer_sums = np.zeros((len(model.latent_layers), len(x_batch)))
         done = 0
         for bound in chunk_bounds(num_samples, chunk_size, ladder):
-            log_w, log_px_z, kl = draws(
+            log_w, log_px_z, kl, chunk_layer_sums = draws(
                 x_batch,
                 y_batch,
                 tf.constant(done, tf.int64),
@@ -148,6 +155,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
                 tf.constant(b, tf.int64),
             )
             acc.add(log_w.numpy(), log_px_z.numpy())
+            layer_sums += np.float64(chunk_layer_sums)
             done = bound
             if bound in by_k:
                 by_k[bound].append(acc.log_px())
@@ -168,9 +176,10 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         out["elbo"].append(mean_ll - kl)
         out["elbo_se"].append(np.sqrt(var_ll / k))
         out["kl"].append(kl)
+        out["kl_by_layer"].append(layer_sums / k)
         out["log_px"].append(log_px)
         out["log_px_se"].append(acc.log_px_se())
-    result = {key: np.concatenate(values) for key, values in out.items()}
+    result = {key: np.concatenate(values, axis=-1) for key, values in out.items()}
     result["log_px_by_k"] = {k: np.concatenate(values) for k, values in by_k.items()}
     return result
 
@@ -216,6 +225,7 @@ def evaluate(
         "k": num_samples,
         "elbo": mean_and_se(scores["elbo"]),
         "kl": mean_and_se(scores["kl"]),
+        "kl_per_layer": [mean_and_se(kl) for kl in scores["kl_by_layer"]] or None,
         "log_px": log_px,
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},

@@ -147,7 +147,8 @@ def probe_data(model, y, x_train, y_train):
 
 def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_train=None):
     """The measures of the latent code on x: ``kl_per_dimension`` (list, or None),
-    ``activity``, ``active_units``, ``active_unit_threshold``, ``mutual_information`` and
+    ``activity``, ``active_units``, ``active_units_per_layer`` (z_1..z_L's counts for a model
+    with ``latent_layers``, else None), ``active_unit_threshold``, ``mutual_information`` and
     ``probe_accuracy``: with the class labels y of x and a labelled training set (x_train,
     y_train, at most ``PROBE_EXAMPLES`` of it, a random subset drawn with ``seed``) the
     probe's accuracy on E_q[z|x], else None. A conditional model's posterior reads the
@@ -177,6 +178,12 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
         "kl_per_dimension": None if kl is None else kl.tolist(),
         "activity": activity.tolist(),
         "active_units": int(np.sum(activity > ACTIVE_UNIT_THRESHOLD)),
+        "active_units_per_layer": [
+            int(np.sum(layer > ACTIVE_UNIT_THRESHOLD))
+            for layer in np.split(activity, np.cumsum(model.latent_layers)[:-1])
+        ]
+        if model.latent_layers
+        else None,
         "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
         # A flow's density at other examples' z would invert it for each: not estimated.
         "mutual_information": (

@@ -352,17 +352,29 @@ class VAE(keras.Model):
         return beta * ops.minimum(1.0, step / warmup)
 
     def log_weights(
-        self, x, num_samples=1, training=False, seed=None, epsilon=None, densities=True, y=None
+        self,
+        x,
+        num_samples=1,
+        training=False,
+        seed=None,
+        epsilon=None,
+        densities=True,
+        y=None,
+        by_layer=False,
     ):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
         log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch] (None where
         the prior and posterior have none). A conditional model conditions each on labels y.
 
         ``epsilon`` ([K, batch or 1, d]) fixes the posterior's base noise of the z_k. With
-        ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None).
+        ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None). With
+        ``by_layer``, a fifth tensor: log q(z_l,k|·) − log p(z_l,k|·) for each stochastic
+        layer, [L, K, batch], which sums over l to log q_φ(z_k|x) − log p(z_k) (None for a
+        model without ``latent_layers``).
         """
         draws = self._draws(x, y, num_samples, training, seed, epsilon, densities)
-        return draws["log_px_z"], draws["log_pz"], draws["log_qz"], draws["kl"]
+        terms = draws["log_px_z"], draws["log_pz"], draws["log_qz"], draws["kl"]
+        return (*terms, draws["layer_log_ratio"]) if by_layer else terms
 
     def _draws(
         self,
@@ -384,7 +396,7 @@ class VAE(keras.Model):
         c = self.condition(y, ops.shape(x)[0])
         params = self.encode_params(x, training=training, c=c)
         draws = {"params": params, "c": c, "kl": None, "log_pz": None, "log_qz": None}
-        draws["layer_kl"] = None
+        draws["layer_kl"] = draws["layer_log_ratio"] = None
         prior = self.prior.distribution(self._posterior_at, c)
         if self.has_analytic_kl:
             draws["kl"] = tf.convert_to_tensor(
@@ -396,7 +408,8 @@ class VAE(keras.Model):
             )
             log_p = prior.layer_log_probs(z)
             draws["log_qz"], draws["log_pz"] = ops.sum(log_q, axis=0), ops.sum(log_p, axis=0)
-            draws["layer_kl"] = ops.mean(log_q - log_p, axis=1)  # [L, batch]
+            draws["layer_log_ratio"] = log_q - log_p  # [L, K, batch]
+            draws["layer_kl"] = ops.mean(draws["layer_log_ratio"], axis=1)  # [L, batch]
         elif densities and not stop_posterior:
             z, draws["log_qz"] = self.posterior.sample_and_log_prob(
                 params, num_samples, seed=seed, epsilon=epsilon

@@ -11,6 +11,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
 from keras_vae import VAE
+from keras_vae.evaluate import evaluate
 from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
 from keras_vae.hierarchy import HierarchicalPrior, LadderPosterior, TopDownPosterior
 from keras_vae.likelihoods import GaussianLikelihood
@@ -303,3 +304,24 @@ def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
     np.testing.assert_allclose(
         sampled["mean"].numpy(), model.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_evaluate_reports_each_layers_kl_and_active_units(x3):
+    model = linear_gaussian_model(q2_shift=0.15)
+    report, scores = evaluate(model, x3, num_samples=300, chunk_size=128)
+    # The same draws, scored directly: ε_k of batch 0 is seeded by (0, k).
+    epsilon = np.stack([tf.random.stateless_normal((6, 2), seed=[0, k]) for k in range(300)])
+    *_, by_layer = model.log_weights(x3, epsilon=epsilon, by_layer=True)
+    np.testing.assert_allclose(
+        scores["kl_by_layer"], by_layer.numpy().mean(1), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(scores["kl_by_layer"].sum(0), scores["kl"], rtol=1e-5, atol=1e-5)
+    assert [entry["mean"] for entry in report["kl_per_layer"]] == pytest.approx(
+        list(scores["kl_by_layer"].mean(1))
+    )
+    # Both layers' means move with x; Var_x of the conditional means, computed independently.
+    params = model.encode_params(x3)
+    z = model.posterior.mean(params).numpy()
+    activity = z.var(0)
+    assert report["latent"]["active_units_per_layer"] == [int(a > 0.01) for a in activity]
+    assert report["latent"]["active_units_per_layer"] == [1, 1]
