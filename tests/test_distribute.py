@@ -21,13 +21,18 @@ MIRRORED = textwrap.dedent("""
     import keras
     from keras_vae import VAE, networks
     from keras_vae.data import load
+    from keras_vae.hierarchy import HierarchicalPrior, LadderPosterior
     x = load("digits").x_train[:521]
 
     def run(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             encoder, decoder = networks.build("mlp", (8, 8, 1), 4, hidden_units=(32,), seed=0)
-            model = VAE(encoder, decoder, latent_dim=4, seed=0)
+            pieces = {}
+            if sys.argv[2] == "ladder":  # two stochastic layers, q sharing p's networks
+                pieces = {"prior": HierarchicalPrior((2, 2), (8,)),
+                          "posterior": LadderPosterior((2, 2), (8,), seed=0)}
+            model = VAE(encoder, decoder, latent_dim=4, seed=0, **pieces)
             # SGD: its steps scale with the gradient, so a loss averaged over the wrong
             # batch size would show (Adam's would not).
             model.compile(optimizer=keras.optimizers.SGD(0.01))
@@ -44,10 +49,14 @@ MIRRORED = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_mirrored_on_two_devices_matches_one_device(tmp_path):
+@pytest.mark.parametrize("latent", ["one_layer", "ladder"])
+def test_mirrored_on_two_devices_matches_one_device(latent, tmp_path):
     out = tmp_path / "out.json"
     subprocess.run(
-        [sys.executable, "-c", MIRRORED, str(out)], check=True, capture_output=True, timeout=300
+        [sys.executable, "-c", MIRRORED, str(out), latent],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     result = json.loads(out.read_text())
     assert result["replicas"] == 2

@@ -325,3 +325,53 @@ def test_evaluate_reports_each_layers_kl_and_active_units(x3):
     activity = z.var(0)
     assert report["latent"]["active_units_per_layer"] == [int(a > 0.01) for a in activity]
     assert report["latent"]["active_units_per_layer"] == [1, 1]
+
+
+def test_mixed_precision_computes_the_float32_hierarchys_log_weights():
+    from keras_vae.data import load
+
+    x = load("digits").x_test[:64]
+    models = [
+        make_vae(
+            (8, 8, 1),
+            hidden_units=(32,),
+            latent_dim=5,
+            latent_layers=(3, 2),
+            layer_hidden_units=(16,),
+            posterior="ladder",
+            prior="hierarchical",
+            seed=0,
+            dtype=dtype,
+        )
+        for dtype in ("float32", "mixed_bfloat16")
+    ]
+    models[1].set_weights(models[0].get_weights())
+    epsilon = np.random.default_rng(0).normal(size=(4, 64, 5)).astype("float32")
+    full, mixed = (model.log_weights(x, epsilon=epsilon)[:3] for model in models)
+    for a_, b_ in zip(full, mixed):
+        assert b_.dtype == tf.float32
+        # bfloat16 keeps 8 significant bits of the networks' activations.
+        np.testing.assert_allclose(b_, a_, rtol=0.02, atol=0.3)
+    assert not np.array_equal(mixed[0], full[0])  # it really ran in 16 bits
+
+
+def test_an_autoregressive_decoder_reads_every_layer(rng):
+    model = make_vae(
+        (8, 8, 1),
+        architecture="made",
+        hidden_units=(32,),
+        latent_dim=5,
+        latent_layers=(3, 2),
+        layer_hidden_units=(16,),
+        posterior="ladder",
+        prior="hierarchical",
+    )
+    x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
+    z = rng.normal(size=(4, 5)).astype("float32")
+    z_top_moved = z.copy()
+    z_top_moved[:, 3:] += 1.0
+    # log p(x|z) depends on z_2 too: the decoder reads [z_1, z_2].
+    assert not np.allclose(model.decode(z, x).log_prob(x), model.decode(z_top_moved, x).log_prob(x))
+    scores = model.score(x, 50, seed=0)
+    assert np.all(np.isfinite(scores["log_px"])) and np.all(scores["log_px"] >= scores["elbo"] - 1)
+    assert model.sample(3, seed=1).shape == (3, 8, 8, 1)
