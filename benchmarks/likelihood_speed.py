@@ -17,6 +17,7 @@ import time
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from machine import describe
 
 from keras_vae import VAE, FusedAdam, likelihoods, networks
 
@@ -77,6 +78,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20)
     args = parser.parse_args()
+    print(describe(), flush=True)
     x = tf.cast(tf.random.stateless_uniform((BATCH, PIXELS), (2, 3)) < 0.13, tf.float32)
     ours = likelihoods.LogitBernoulli
     contenders = {

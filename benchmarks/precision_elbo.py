@@ -18,6 +18,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from machine import describe
 from train_throughput import BATCH, MNIST, ours
 
 from keras_vae import FusedAdam
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--mnist", type=Path, default=MNIST, help="MNIST .npz file")
     args = parser.parse_args()
+    print(describe(), flush=True)
     with np.load(args.mnist) as data:
         x_train = (data["x_train"] / 255.0).astype("float32")[..., None]
         x_test = binarize_once((data["x_test"][: args.images] / 255.0).astype("float32")[..., None])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from machine import describe
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -108,6 +109,7 @@ def main():
         "--mnist", type=Path, default=MNIST, help="MNIST .npz file for --memory's training run"
     )
     args = parser.parse_args()
+    print(describe(), flush=True)
     if args.saved_model is None:
         versions = sorted(
             (p for p in Path("saved_models/vae").glob("*") if p.name.isdigit()),

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
+from machine import describe
 
 from keras_vae import VAE, FusedAdam, networks
 from keras_vae.data import training_dataset
@@ -338,13 +339,9 @@ def main():
     if args.child:
         return child(*args.child, args.examples, args.runs, args.mnist)
     peak = matmul_peak()
-    gpus = [
-        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-        for gpu in tf.config.list_physical_devices("GPU")
-    ]
+    print(describe())
     print(
-        f"TF {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs, "
-        f"GPUs: {', '.join(gpus) or 'none'}, float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
         f"(on TensorFlow's default device; TF32 on GPUs that have it)",
         flush=True,
     )

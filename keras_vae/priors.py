@@ -18,11 +18,76 @@ A prior is a Keras layer (so that a learned prior's weights are tracked and save
   for the model's posterior; where it has none the model estimates it by Monte Carlo.
 """
 
+import math
+
 import keras
+import tensorflow as tf
 import tensorflow_probability as tfp
 from keras import ops
 
 tfd = tfp.distributions
+
+
+class DiagonalGaussianMixture(tfd.Distribution):
+    """Σ_k softmax(a)_k N(z; m_k, diag s_k²), k = 1..K, over z ∈ R^d (batch shape []): the
+    mixture priors' p(z), from ``logits`` a [K], ``loc`` m [K, d] and ``scale`` s [K, d].
+
+    ``log_prob`` expands Σ_j (z_j − m_kj)² / s_kj² = z²·A_k − 2 z·(m⊙A)_k + m²·A_k, A = s⁻²,
+    into two matmuls over all K components (TFP's ``MixtureSameFamily`` broadcasts z against
+    every component, [..., K, d]), in float64, where the cancellation of those terms keeps
+    enough digits; draws are not reparameterized."""
+
+    def __init__(self, logits, loc, scale, name="DiagonalGaussianMixture"):
+        parameters = dict(locals())
+        self.logits = tf.convert_to_tensor(logits, tf.float32)
+        self.loc = tf.convert_to_tensor(loc, tf.float32)
+        self.scale = tf.convert_to_tensor(scale, tf.float32)
+        super().__init__(
+            dtype=tf.float32,
+            reparameterization_type=tfd.NOT_REPARAMETERIZED,
+            validate_args=False,
+            allow_nan_stats=True,
+            parameters=parameters,
+            name=name,
+        )
+
+    def _event_shape(self):
+        return self.loc.shape[-1:]
+
+    def _event_shape_tensor(self):
+        return tf.shape(self.loc)[-1:]
+
+    def _batch_shape(self):
+        return tf.TensorShape([])
+
+    def _batch_shape_tensor(self):
+        return tf.constant([], tf.int32)
+
+    def _log_prob(self, z):
+        d = tf.shape(self.loc)[-1]
+        flat = tf.reshape(tf.cast(z, tf.float64), [-1, d])
+        loc = tf.cast(self.loc, tf.float64)
+        log_scale = tf.math.log(tf.cast(self.scale, tf.float64))
+        precision = tf.exp(-2.0 * log_scale)
+        squares = (
+            tf.matmul(flat**2, precision, transpose_b=True)
+            - 2.0 * tf.matmul(flat, loc * precision, transpose_b=True)
+            + tf.reduce_sum(loc**2 * precision, axis=-1)
+        )  # [N, K]
+        log_normalizer = -tf.reduce_sum(log_scale, axis=-1) - tf.cast(d, tf.float64) * (
+            0.5 * math.log(2 * math.pi)
+        )
+        log_weights = tf.nn.log_softmax(tf.cast(self.logits, tf.float64))
+        log_p = tf.reduce_logsumexp(log_weights + log_normalizer - 0.5 * squares, axis=-1)
+        return tf.reshape(tf.cast(log_p, tf.float32), tf.shape(z)[:-1])
+
+    def _sample_n(self, n, seed=None):
+        component_seed, noise_seed = tfp.random.split_seed(seed)
+        k = tfd.Categorical(logits=self.logits).sample(n, seed=component_seed)
+        noise = tf.random.stateless_normal(
+            tf.concat([[n], tf.shape(self.loc)[-1:]], 0), seed=noise_seed
+        )
+        return tf.gather(self.loc, k) + tf.gather(self.scale, k) * noise
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
@@ -91,9 +156,4 @@ class GaussianMixture(MixturePrior):
 
     def distribution(self, posterior_at=None, c=None):
         """Σ_k softmax(a)_k N(m_k, diag exp(2 log s_k)) over z ∈ R^d."""
-        return tfd.MixtureSameFamily(
-            tfd.Categorical(logits=ops.convert_to_tensor(self.logits)),
-            tfd.MultivariateNormalDiag(
-                loc=ops.convert_to_tensor(self.means), scale_diag=ops.exp(self.log_scales)
-            ),
-        )
+        return DiagonalGaussianMixture(self.logits, self.means, ops.exp(self.log_scales))

@@ -2,12 +2,9 @@
 mixture of the model's own posterior at K learned pseudo-inputs u_k."""
 
 import keras
-import tensorflow_probability as tfp
 from keras import ops
 
-from keras_vae.priors import MixturePrior
-
-tfd = tfp.distributions
+from keras_vae.priors import DiagonalGaussianMixture, MixturePrior
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
@@ -38,6 +35,6 @@ class VampPrior(MixturePrior):
     def distribution(self, posterior_at, c=None):
         """(1/K) Σ_k q_φ(z | u_k), its components ``posterior_at`` the pseudo-inputs."""
         components = posterior_at(ops.convert_to_tensor(self.pseudo_inputs))
-        return tfd.MixtureSameFamily(
-            tfd.Categorical(logits=ops.zeros((self.num_components,), "float32")), components
+        return DiagonalGaussianMixture(
+            ops.zeros((self.num_components,), "float32"), components.mean(), components.stddev()
         )

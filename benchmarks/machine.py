@@ -1,0 +1,37 @@
+"""One line naming the machine and the library versions a benchmark ran on, for its output."""
+
+import os
+import platform
+from importlib import metadata
+
+
+def cpu_model():
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe():
+    """ "CPU <model>, <n> cores; GPUs: …; tensorflow x, keras y, …" for the installed ones."""
+    import tensorflow as tf
+
+    gpus = [
+        tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+        for gpu in tf.config.list_physical_devices("GPU")
+    ]
+    versions = []
+    for package in ("tensorflow", "keras", "tensorflow-probability", "torch"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return (
+        f"CPU {cpu_model()}, {os.cpu_count()} cores; GPUs: {', '.join(gpus) or 'none'}; "
+        + ", ".join(versions)
+    )
