@@ -211,6 +211,9 @@ class HierarchicalPosterior(keras.layers.Layer):
             self.layers_after[str(layer)] = net
 
     def call(self, features):
+        """``z_mean``, ``z_log_var``: those of the layer drawn first (z_1 bottom-up, z_L
+        top-down), the only one whose parameters are functions of x alone; with
+        ``reads_features``, the ``features`` the later layers read."""
         mean, log_var = self.first(features)
         params = {"z_mean": mean, "z_log_var": log_var}
         if self.reads_features:

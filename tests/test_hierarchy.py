@@ -375,3 +375,28 @@ def test_an_autoregressive_decoder_reads_every_layer(rng):
     scores = model.score(x, 50, seed=0)
     assert np.all(np.isfinite(scores["log_px"])) and np.all(scores["log_px"] >= scores["elbo"] - 1)
     assert model.sample(3, seed=1).shape == (3, 8, 8, 1)
+
+
+def test_a_conditional_top_prior_draws_each_rows_z_from_its_label(rng):
+    model = make_vae(
+        (8, 8, 1),
+        hidden_units=(16,),
+        latent_dim=3,
+        latent_layers=(2, 1),
+        layer_hidden_units=(8,),
+        posterior="top_down",
+        prior="hierarchical",
+        top_prior="conditional_gaussian",
+        conditional=True,
+        num_classes=3,
+    )
+    top = model.prior.top
+    top.bias.assign([5.0, 0.0])  # p(z_2|y) = N(5, 1) for every class …
+    top.kernel.assign([[0.0, 0.0], [-10.0, 0.0], [0.0, 0.0]])  # … but N(−5, 1) for class 1
+    labels = np.array([0, 1, 2, 1])
+    z = model.sample_prior(4, seed=1, labels=labels).numpy()
+    np.testing.assert_array_equal(z[:, 2] < 0, labels == 1)
+    x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
+    scores = model.score(x, 20, seed=0, y=labels)
+    assert np.all(np.isfinite(scores["log_px"]))
+    assert model.sample(4, seed=1, labels=labels).shape == (4, 8, 8, 1)
