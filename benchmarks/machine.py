@@ -1,7 +1,9 @@
-"""One line naming the machine and the library versions a benchmark ran on, for its output."""
+"""The machine a benchmark ran on: one line naming it and its library versions, and its
+measured float32 matmul peak."""
 
 import os
 import platform
+import time
 from importlib import metadata
 
 
@@ -35,3 +37,17 @@ def describe():
         f"CPU {cpu_model()}, {os.cpu_count()} cores; GPUs: {', '.join(gpus) or 'none'}; "
         + ", ".join(versions)
     )
+
+
+def matmul_peak(n=2048, repeats=20):
+    """FLOP/s of an n × n float32 matmul on TensorFlow's default device."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    matmul = tf.function(lambda a: tf.matmul(a, a))
+    matmul(a).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a)
+    out.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers, ops
-from machine import describe
+from machine import describe, matmul_peak
 
 from keras_vae import VAE, FusedAdam, networks
 from keras_vae.data import training_dataset
@@ -210,17 +210,6 @@ def forward_macs(model):
             h, w = layer.output.shape[1:3]
             macs += h * w * int(np.prod(layer.kernel.shape))
     return macs
-
-
-def matmul_peak(n=2048, repeats=20):
-    a = tf.random.normal((n, n))
-    matmul = tf.function(lambda a: tf.matmul(a, a))
-    matmul(a).numpy()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = matmul(a)
-    out.numpy()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def ours(arch, dtype=None):
