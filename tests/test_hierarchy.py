@@ -6,13 +6,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import make_vae
+from helpers import assert_trains_saves_loads_and_serves, make_vae
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
 from keras_vae import VAE
 from keras_vae.evaluate import evaluate
-from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
+from keras_vae.export import SCORE_SAMPLES, score_epsilon
 from keras_vae.hierarchy import HierarchicalPrior, LadderPosterior, TopDownPosterior
 from keras_vae.likelihoods import GaussianLikelihood
 from keras_vae.posteriors import DiagonalGaussian
@@ -282,28 +282,8 @@ def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
         num_components=3,
     )
     x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
-    model.compile(optimizer="adam")
-    history = model.fit(x, epochs=1, batch_size=16, verbose=0).history
+    history = assert_trains_saves_loads_and_serves(model, x, tmp_path)
     assert {"kl_1", "kl_2"} <= set(history)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    for a_, b_ in zip(model.weights, restored.weights):
-        np.testing.assert_array_equal(a_.numpy(), b_.numpy())
-    epsilon = score_epsilon(5)
-    expected = model.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
-    again = restored.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
-    served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "m")))
-    scored = served.signatures["score"](x=tf.constant(x[:4]))
-    sampled = served.signatures["sample"](seed=tf.constant([5, 6], tf.int64))
-    for key in ("elbo", "log_px"):
-        np.testing.assert_allclose(again[key].numpy(), expected[key].numpy(), rtol=1e-5)
-        np.testing.assert_allclose(scored[key].numpy(), expected[key].numpy(), rtol=1e-4)
-    z = np.stack([model.sample_prior(1, seed=(s, 0)).numpy()[0] for s in (5, 6)])
-    np.testing.assert_allclose(sampled["z"].numpy(), z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        sampled["mean"].numpy(), model.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
-    )
 
 
 def test_evaluate_reports_each_layers_kl_and_active_units(x3):

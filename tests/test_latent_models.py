@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
-from helpers import make_vae
+from helpers import assert_trains_saves_loads_and_serves, make_vae
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
-from keras_vae.export import SCORE_SAMPLES, export_model, score_epsilon
 from keras_vae.iaf import IAFPosterior
 from keras_vae.priors import DiagonalGaussianMixture, GaussianMixture
 from keras_vae.settings import ConfigError
@@ -254,29 +253,8 @@ def test_bad_settings_of_the_new_pieces_are_named(settings, message):
 )
 def test_each_piece_trains_saves_loads_and_serves_the_same_numbers(settings, tmp_path, rng):
     keras.utils.set_random_seed(0)
-    model = small(**settings)
     x = (rng.uniform(size=(64, *SHAPE)) > 0.5).astype("float32")
-    model.compile(optimizer="adam")
-    model.fit(x, epochs=1, batch_size=16, verbose=0)
-    path = tmp_path / "m.keras"
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    for a, b in zip(model.weights, restored.weights):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
-    epsilon = score_epsilon(3)
-    expected = model.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
-    again = restored.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
-    served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "m")))
-    scored = served.signatures["score"](x=tf.constant(x[:4]))
-    sampled = served.signatures["sample"](seed=tf.constant([5, 6], tf.int64))
-    for key in ("elbo", "log_px"):
-        np.testing.assert_allclose(again[key].numpy(), expected[key].numpy(), rtol=1e-5)
-        np.testing.assert_allclose(scored[key].numpy(), expected[key].numpy(), rtol=1e-4)
-    z = np.stack([model.sample_prior(1, seed=(s, 0)).numpy()[0] for s in (5, 6)])
-    np.testing.assert_allclose(sampled["z"].numpy(), z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        sampled["mean"].numpy(), model.decode(z).mean().numpy(), rtol=1e-5, atol=1e-6
-    )
+    assert_trains_saves_loads_and_serves(small(**settings), x, tmp_path)
 
 
 def test_the_vamp_prior_refuses_a_flow_posterior():
