@@ -147,7 +147,7 @@ def assert_trains_saves_loads_and_serves(model, x, tmp_path):
     restored = keras.saving.load_model(path)
     for a, b in zip(model.weights, restored.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    epsilon = score_epsilon(3)
+    epsilon = score_epsilon(model.latent_dim)
     expected = model.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
     again = restored.score(x[:4], SCORE_SAMPLES, epsilon=epsilon)
     served = tf.saved_model.load(str(export_model(model, tmp_path / "export", "m")))
