@@ -173,7 +173,7 @@ def _cmd_evaluate(args):
                 kl=scores["kl"],
                 log_px=scores["log_px"],
                 log_px_se=scores["log_px_se"],
-                kl_by_layer=scores["kl_by_layer"],
+                kl_per_layer=scores["kl_per_layer"],
             )
 
 

@@ -34,6 +34,7 @@ from keras_vae.settings import (
 )
 
 DATA_KINDS = ("digits", "tfds:", "npz:", "images:")
+HIERARCHICAL_POSTERIORS = ("bottom_up", "top_down", "ladder")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,24 @@ class ModelConfig(DistributionsConfig, NetworkConfig, VAEConfig):
                     "latent_layers",
                     not self.latent_layers or sum(self.latent_layers) == self.latent_dim,
                     f"must sum to latent_dim ({self.latent_dim})",
+                ),
+                (
+                    "latent_layers",
+                    not self.latent_layers
+                    or self.prior == "hierarchical"
+                    or self.posterior in HIERARCHICAL_POSTERIORS,
+                    (
+                        "are read by the hierarchical prior and posteriors only: set prior "
+                        f"'hierarchical' or a posterior of {HIERARCHICAL_POSTERIORS}"
+                    ),
+                ),
+                (
+                    "posterior",
+                    self.posterior != "ladder" or self.prior == "hierarchical",
+                    (
+                        "'ladder' merges with the hierarchical prior's p(z_l|z_l+1): it needs "
+                        "prior 'hierarchical'"
+                    ),
                 ),
             ]
             + NetworkConfig.rules(self)

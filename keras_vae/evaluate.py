@@ -98,7 +98,7 @@ class _Accumulator:
 
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``kl``, ``log_px``, ``log_px_se`` (K draws),
-    ``kl_by_layer`` [L, N] (each stochastic layer's Monte Carlo term of the KL, the mean over
+    ``kl_per_layer`` [L, N] (each stochastic layer's Monte Carlo term of the KL, the mean over
     the draws of log q(z_l|·) − log p(z_l|·); L = 0 without ``latent_layers``), and
     ``log_px_by_k`` {k: log p̂_k(x)} for k in ``k_ladder(K)`` (from the same draws); for a
     conditional model, of log p(x|y) given the labels y."""
@@ -138,7 +138,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
             return log_px_z + log_pz - log_qz, log_px_z, kl, tf.zeros([0, tf.shape(x_batch)[0]])
         return log_px_z + log_pz - log_qz, log_px_z, kl, tf.reduce_sum(by_layer, axis=1)
 
-    out = {key: [] for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se", "kl_by_layer")}
+    out = {key: [] for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se", "kl_per_layer")}
     by_k = {k: [] for k in ladder}
     for b, start in enumerate(range(0, len(x), batch_size)):
         x_batch = tf.constant(x[start : start + batch_size])
@@ -176,7 +176,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
         out["elbo"].append(mean_ll - kl)
         out["elbo_se"].append(np.sqrt(var_ll / k))
         out["kl"].append(kl)
-        out["kl_by_layer"].append(layer_sums / k)
+        out["kl_per_layer"].append(layer_sums / k)
         out["log_px"].append(log_px)
         out["log_px_se"].append(acc.log_px_se())
     result = {key: np.concatenate(values, axis=-1) for key, values in out.items()}
@@ -225,7 +225,7 @@ def evaluate(
         "k": num_samples,
         "elbo": mean_and_se(scores["elbo"]),
         "kl": mean_and_se(scores["kl"]),
-        "kl_per_layer": [mean_and_se(kl) for kl in scores["kl_by_layer"]] or None,
+        "kl_per_layer": [mean_and_se(kl) for kl in scores["kl_per_layer"]] or None,
         "log_px": log_px,
         "gap": mean_and_se(scores["log_px"] - scores["elbo"]),
         "log_px_by_k": {str(k): mean_and_se(v) for k, v in scores["log_px_by_k"].items()},

@@ -4,7 +4,8 @@ Signatures (every input has a leading batch dimension, so TF Serving's row forma
 conditional model's each take labels ``y`` as well: int64 classes [n] or float32 vectors
 [n, C]):
 - ``serving_default``: x → reconstruction and the posterior's parameters (z_mean, z_log_var)
-- ``encode``:  x → the posterior's parameters (z_mean, z_log_var for the diagonal Gaussian)
+- ``encode``:  x → the posterior's parameters (z_mean, z_log_var for the diagonal Gaussian;
+               a hierarchical posterior's, the layer drawn first and what it adds)
 - ``decode``:  z → mean (probabilities for Bernoulli) and the likelihood's parameters
                (``logits``, or ``loc`` and ``scale``), each of the data's shape; for an
                autoregressive decoder, along the greedy path x_d = 1[p(x_d | x_<d, z) > ½]

@@ -90,9 +90,11 @@ class LayerChain(tfd.Distribution):
         log_probs[self.order[0]] = self.first.log_prob(blocks[self.order[0]])
         for previous, layer in itertools.pairwise(self.order):
             log_probs[layer] = self._conditional(layer, blocks[previous]).log_prob(blocks[layer])
-        # The first layer's log p has ``first``'s batch shape, which may be narrower than
-        # z's; the others are computed from z's blocks.
-        shape = tf.shape(log_probs[self.order[-1]])
+        # The first layer's log p has ``first``'s batch shape broadcast against z's, the
+        # others z's: stacked at their common shape.
+        shape = tf.shape(log_probs[0])
+        for log_prob in log_probs[1:]:
+            shape = tf.broadcast_dynamic_shape(shape, tf.shape(log_prob))
         return tf.stack([tf.broadcast_to(log_prob, shape) for log_prob in log_probs])
 
     def _log_prob(self, z):
@@ -376,13 +378,17 @@ class LadderPosterior(TopDownPosterior):
 
     def _layer(self, layer, z_previous, params):
         """(μ, log σ²) of the merge of N(μ̂_l, σ̂_l²) with p(z_l | z_{l+1})."""
-        prior_mean, prior_log_var = self._prior().conditional(layer, z_previous)
+        prior = self._prior()
+        if prior is None:
+            raise RuntimeError("the ladder posterior's model, whose prior it reads, is gone")
+        prior_mean, prior_log_var = prior.conditional(layer, z_previous)
         mean, log_var = params[f"z_mean_{layer + 1}"], params[f"z_log_var_{layer + 1}"]
-        merged_log_var = -ops.logaddexp(-log_var, -prior_log_var)
-        merged_mean = ops.exp(merged_log_var) * (
-            mean * ops.exp(-log_var) + prior_mean * ops.exp(-prior_log_var)
+        # σ̂⁻²/(σ̂⁻² + σ_p⁻²) = sigmoid(log σ_p² − log σ̂²): no precision is formed, so none
+        # overflows.
+        merged_mean = mean * ops.sigmoid(prior_log_var - log_var) + prior_mean * ops.sigmoid(
+            log_var - prior_log_var
         )
-        return merged_mean, merged_log_var
+        return merged_mean, -ops.logaddexp(-log_var, -prior_log_var)
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")

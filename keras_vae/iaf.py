@@ -92,7 +92,19 @@ class AutoregressiveStep(keras.layers.Layer):
             "activation": self.activation_name,
             "reverse": self.reverse,
             "seed": self.seed,
+            "update": "gated",
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.pop("update", None) != "gated":
+            # Same weights, another meaning: loading them would silently give another q.
+            raise ValueError(
+                "this IAF step was saved by an earlier keras-vae, whose steps were "
+                "z' = (z − shift) ⊙ exp(−log_scale); today's are gated: retrain the model"
+            )
+        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")

@@ -134,6 +134,12 @@ class VAE(keras.Model):
             self.prior.build((self.latent_dim,), self.data_shape, self.condition_dim)
         if not self.likelihood.built:
             self.likelihood.build(self.data_shape)
+        layers = getattr(self.posterior, "sizes", None), getattr(self.prior, "sizes", None)
+        if None not in layers and layers[0] != layers[1]:
+            raise ValueError(
+                f"the posterior's stochastic layers {list(layers[0])} and the prior's "
+                f"{list(layers[1])} differ: give both the same latent_layers"
+            )
         if getattr(self.posterior, "reads_prior", False):
             self.posterior.attach(self.prior)  # a posterior that shares the prior's networks
         # KL(q(z_l|·) ‖ p(z_l|·)) per stochastic layer, where q and p share their layers.
@@ -441,16 +447,18 @@ class VAE(keras.Model):
         """The KL term of the training loss under free bits (Kingma et al., 2016) with
         λ = ``free_bits``, per example, whose mean over the batch is Σ_j max(λ, K̄_j): K̄_j
         the batch mean of KL(q(z_j|x) ‖ p(z_j)) per latent dimension j, where q and p
-        factorize over j, else one group, the whole z, with max(λ·d, K̄). A group below
-        its floor adds the constant floor and no gradient. Per dimension the KL is the
-        closed form, whatever the ``kl`` estimator; under a ``tf.distribute`` strategy K̄_j
-        is each replica's batch mean."""
+        factorize over j (the closed form, whatever the ``kl`` estimator); else, for a
+        top-down hierarchy, Σ_l max(λ·d_l, K̄_l) over its stochastic layers (each layer's
+        Monte Carlo KL term); else one group, the whole z, with max(λ·d, K̄). A group below
+        its floor adds the constant floor and no gradient. Under a ``tf.distribute``
+        strategy K̄ is each replica's batch mean."""
         floor = self.config.free_bits
         q = self.posterior.marginals(draws["params"])
         p = self.prior.marginals(draws["c"])
         if q is not None and p is not None:
             kl_groups = tf.convert_to_tensor(q.kl_divergence(p))  # [batch, d]
-        elif self.latent_layers:  # one group per stochastic layer, floored at λ·d_l
+        elif self.latent_layers and getattr(self.posterior, "top_down", False):
+            # Top-down, each layer's term is a KL (≥ 0): one group each, floored at λ·d_l.
             kl_groups = ops.transpose(draws["layer_kl"])
             floor = floor * ops.convert_to_tensor(self.latent_layers, "float32")
         else:

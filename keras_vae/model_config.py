@@ -53,8 +53,9 @@ class VAEConfig:
     free_bits: float = setting(
         0.0,
         "λ, free bits (nats): the training loss's KL term is Σ_j max(λ, batch mean of "
-        "KL_j), per latent dimension j where q and p factorize, else max(λ·d, KL); the "
-        "reported kl_loss and elbo stay the true ones; 0: off (objective 'elbo' only)",
+        "KL_j), per latent dimension j where q and p factorize, per stochastic layer l of "
+        "a top-down hierarchy max(λ·d_l, KL_l), else max(λ·d, KL); the reported kl_loss "
+        "and elbo stay the true ones; 0: off (objective 'elbo' only)",
         check=finite_nonnegative,
         requirement="be finite and >= 0",
     )

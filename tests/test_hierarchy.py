@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_trains_saves_loads_and_serves, make_vae
+from helpers import assert_trains_saves_loads_and_serves, make_vae, user_networks
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
@@ -228,9 +228,42 @@ def test_bad_hierarchy_settings_are_named(settings, message):
         make_vae((8, 8, 1), latent_dim=3, posterior="top_down", prior="hierarchical", **settings)
 
 
-def test_the_ladder_posterior_needs_the_hierarchical_prior_over_its_layers():
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"posterior": "ladder"}, "'posterior' 'ladder' merges with the hierarchical prior"),
+        ({"posterior": "diagonal_gaussian"}, "'latent_layers' are read by the hierarchical"),
+    ],
+)
+def test_settings_a_hierarchy_would_not_read_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_vae((8, 8, 1), latent_dim=3, latent_layers=(2, 1), **settings)
+
+
+def test_a_prior_and_posterior_must_share_their_layers():
+    encoder, decoder = user_networks(latent_dim=3)
+    with pytest.raises(ValueError, match=r"layers \[2, 1\] and the prior's \[1, 2\] differ"):
+        VAE(
+            encoder,
+            decoder,
+            prior=HierarchicalPrior((1, 2)),
+            posterior=TopDownPosterior((2, 1)),
+            latent_dim=3,
+        )
     with pytest.raises(ValueError, match="it needs prior='hierarchical' over the same"):
-        make_vae((8, 8, 1), latent_dim=3, latent_layers=(2, 1), posterior="ladder")
+        VAE(encoder, decoder, posterior=LadderPosterior((2, 1)), latent_dim=3)
+
+
+def test_the_ladder_merge_stays_finite_for_extreme_variances(x3):
+    model = linear_gaussian_model(posterior=LadderPosterior)
+    head = model.posterior.estimates[0].head
+    bias = head.bias.numpy()
+    head.bias.assign([bias[0], -120.0])  # σ̂_1² = e⁻¹²⁰: q(z_1|z_2, x) is the estimate itself
+    params = model.encode_params(x3)
+    z_2 = tf.zeros((6, 1))
+    mean, log_var = model.posterior._layer(0, z_2, params)
+    np.testing.assert_allclose(mean.numpy(), params["z_mean_1"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(log_var.numpy(), -120.0, rtol=1e-6)
 
 
 def test_a_vamp_prior_on_top_is_the_mixture_of_q_z_top_at_its_pseudo_inputs(rng):
@@ -293,11 +326,11 @@ def test_evaluate_reports_each_layers_kl_and_active_units(x3):
     epsilon = np.stack([tf.random.stateless_normal((6, 2), seed=[0, k]) for k in range(300)])
     *_, by_layer = model.log_weights(x3, epsilon=epsilon, by_layer=True)
     np.testing.assert_allclose(
-        scores["kl_by_layer"], by_layer.numpy().mean(1), rtol=1e-4, atol=1e-5
+        scores["kl_per_layer"], by_layer.numpy().mean(1), rtol=1e-4, atol=1e-5
     )
-    np.testing.assert_allclose(scores["kl_by_layer"].sum(0), scores["kl"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores["kl_per_layer"].sum(0), scores["kl"], rtol=1e-5, atol=1e-5)
     assert [entry["mean"] for entry in report["kl_per_layer"]] == pytest.approx(
-        list(scores["kl_by_layer"].mean(1))
+        list(scores["kl_per_layer"].mean(1))
     )
     # Both layers' means move with x; Var_x of the conditional means, computed independently.
     params = model.encode_params(x3)
@@ -380,3 +413,19 @@ def test_a_conditional_top_prior_draws_each_rows_z_from_its_label(rng):
     scores = model.score(x, 20, seed=0, y=labels)
     assert np.all(np.isfinite(scores["log_px"]))
     assert model.sample(4, seed=1, labels=labels).shape == (4, 8, 8, 1)
+
+
+def test_bottom_up_free_bits_floor_the_whole_kl(rng):
+    # Bottom-up, a layer's term is not a KL: the floor is λ·d on their sum.
+    model = make_vae(
+        (8, 8, 1),
+        hidden_units=(16,),
+        latent_dim=5,
+        latent_layers=(3, 2),
+        posterior="bottom_up",
+        prior="hierarchical",
+        free_bits=100.0,
+    )
+    x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
+    terms = model.compute_terms(x, training=True, seed=0)
+    np.testing.assert_allclose(terms["loss"], terms["reconstruction_loss"] + 500.0, rtol=1e-6)

@@ -10,7 +10,7 @@ from helpers import assert_trains_saves_loads_and_serves, make_vae
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal, norm
 
-from keras_vae.iaf import IAFPosterior
+from keras_vae.iaf import AutoregressiveStep, IAFPosterior
 from keras_vae.priors import DiagonalGaussianMixture, GaussianMixture
 from keras_vae.settings import ConfigError
 
@@ -169,6 +169,15 @@ def trained_looking_iaf(rng, latent_dim=2, scale=0.4):
         randomize(step, rng, scale=scale)
     params = posterior(tf.constant(rng.normal(size=(3, 4)), tf.float32))
     return posterior, params
+
+
+def test_an_iaf_step_saved_before_the_gated_form_is_refused():
+    step = AutoregressiveStep((8,), seed=0)
+    config = step.get_config()
+    assert AutoregressiveStep.from_config(config).get_config() == config
+    del config["update"]
+    with pytest.raises(ValueError, match="saved by an earlier keras-vae"):
+        AutoregressiveStep.from_config(config)
 
 
 def test_iaf_log_q_of_its_own_draws_equals_its_exact_density(rng):
