@@ -169,7 +169,8 @@ class HierarchicalPosterior(keras.layers.Layer):
     features h, each next one from a ``GaussianLayer`` on the layer drawn before it (and,
     where ``reads_features``, on h), in ``order``; z_l = μ_l + σ_l ⊙ ε_l with the base
     noise ε ~ N(0, I) of all layers drawn at once by the ``Sampling`` layer. Subclasses
-    set ``order(L)`` and ``reads_features``."""
+    define ``ordered(L)``, the order in which the L layers are drawn, and set
+    ``reads_features``."""
 
     analytic_kl = False
     params_complete = False
