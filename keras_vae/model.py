@@ -142,7 +142,7 @@ class VAE(keras.Model):
             )
         if getattr(self.posterior, "reads_prior", False):
             self.posterior.attach(self.prior)  # a posterior that shares the prior's networks
-        # KL(q(z_l|·) ‖ p(z_l|·)) per stochastic layer, where q and p share their layers.
+        # Each stochastic layer's term of the KL, where q and p share their layers.
         self.layer_kl_trackers = [
             keras.metrics.Mean(name=f"kl_{layer + 1}") for layer in range(len(self.latent_layers))
         ]
@@ -396,7 +396,7 @@ class VAE(keras.Model):
         """``log_weights``'s terms by name, with the posterior's ``params`` and the samples
         ``z`` [K, batch, d]; with ``stop_posterior``, log q(z_k|x) is differentiable in z_k
         only, not in q's parameters. For a model with ``latent_layers``, ``layer_kl`` [L,
-        batch] holds each layer's Monte Carlo KL, the mean over the draws of
+        batch] holds each layer's term of the Monte Carlo KL, the mean over the draws of
         log q(z_l|·) − log p(z_l|·)."""
         x = self.validated(x)
         c = self.condition(y, ops.shape(x)[0])
