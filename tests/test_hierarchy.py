@@ -79,6 +79,15 @@ def linear_gaussian_model(q2_shift=0.0, posterior=TopDownPosterior, **settings):
     return model
 
 
+def two_layer_vae(posterior, dtype="float32", **settings):
+    """The VAE of 8×8 images with stochastic layers z_1 (3) and z_2 (2), the hierarchical
+    prior and ``posterior``, the named families' networks; ``settings`` override."""
+    defaults = {"hidden_units": (16,), "latent_dim": 5, "latent_layers": (3, 2)}
+    return make_vae(
+        (8, 8, 1), dtype, posterior=posterior, prior="hierarchical", **{**defaults, **settings}
+    )
+
+
 @pytest.fixture
 def x3(rng):
     z2 = rng.normal(size=6)
@@ -167,15 +176,7 @@ def test_a_one_layer_hierarchy_is_the_one_layer_vae(rng):
 
 
 def test_the_bottom_up_posterior_is_q_z1_given_x_times_q_z2_given_z1(rng):
-    model = make_vae(
-        (8, 8, 1),
-        hidden_units=(16,),
-        posterior="bottom_up",
-        prior="hierarchical",
-        latent_layers=(3, 2),
-        latent_dim=5,
-        layer_hidden_units=(),
-    )
+    model = two_layer_vae("bottom_up", layer_hidden_units=())
     x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
     params = model.encode_params(x)
     z, log_q = model.posterior.sample_and_log_prob(params, 7, seed=5)
@@ -267,16 +268,7 @@ def test_the_ladder_merge_stays_finite_for_extreme_variances(x3):
 
 
 def test_a_vamp_prior_on_top_is_the_mixture_of_q_z_top_at_its_pseudo_inputs(rng):
-    model = make_vae(
-        (8, 8, 1),
-        hidden_units=(16,),
-        latent_dim=5,
-        latent_layers=(3, 2),
-        posterior="ladder",
-        prior="hierarchical",
-        top_prior="vamp",
-        num_components=4,
-    )
+    model = two_layer_vae("ladder", top_prior="vamp", num_components=4)
     z = rng.normal(size=(6, 5)).astype("float32")
     params = model.encode_params(model.prior.top.pseudo_inputs)  # q(z_2|u_k), k = 1..4
     components = log_normal(z[:, None, 3:], params["z_mean"][None], params["z_log_var"][None])
@@ -303,17 +295,7 @@ def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
     posterior, top_prior, tmp_path, rng
 ):
     keras.utils.set_random_seed(0)
-    model = make_vae(
-        (8, 8, 1),
-        hidden_units=(16,),
-        latent_dim=5,
-        latent_layers=(3, 2),
-        layer_hidden_units=(8,),
-        posterior=posterior,
-        prior="hierarchical",
-        top_prior=top_prior,
-        num_components=3,
-    )
+    model = two_layer_vae(posterior, layer_hidden_units=(8,), top_prior=top_prior, num_components=3)
     x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
     history = assert_trains_saves_loads_and_serves(model, x, tmp_path)
     assert {"kl_1", "kl_2"} <= set(history)
@@ -345,17 +327,7 @@ def test_mixed_precision_computes_the_float32_hierarchys_log_weights():
 
     x = load("digits").x_test[:64]
     models = [
-        make_vae(
-            (8, 8, 1),
-            hidden_units=(32,),
-            latent_dim=5,
-            latent_layers=(3, 2),
-            layer_hidden_units=(16,),
-            posterior="ladder",
-            prior="hierarchical",
-            seed=0,
-            dtype=dtype,
-        )
+        two_layer_vae("ladder", hidden_units=(32,), layer_hidden_units=(16,), seed=0, dtype=dtype)
         for dtype in ("float32", "mixed_bfloat16")
     ]
     models[1].set_weights(models[0].get_weights())
@@ -369,15 +341,8 @@ def test_mixed_precision_computes_the_float32_hierarchys_log_weights():
 
 
 def test_an_autoregressive_decoder_reads_every_layer(rng):
-    model = make_vae(
-        (8, 8, 1),
-        architecture="made",
-        hidden_units=(32,),
-        latent_dim=5,
-        latent_layers=(3, 2),
-        layer_hidden_units=(16,),
-        posterior="ladder",
-        prior="hierarchical",
+    model = two_layer_vae(
+        "ladder", architecture="made", hidden_units=(32,), layer_hidden_units=(16,)
     )
     x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
     z = rng.normal(size=(4, 5)).astype("float32")
@@ -417,15 +382,7 @@ def test_a_conditional_top_prior_draws_each_rows_z_from_its_label(rng):
 
 def test_bottom_up_free_bits_floor_the_whole_kl(rng):
     # Bottom-up, a layer's term is not a KL: the floor is λ·d on their sum.
-    model = make_vae(
-        (8, 8, 1),
-        hidden_units=(16,),
-        latent_dim=5,
-        latent_layers=(3, 2),
-        posterior="bottom_up",
-        prior="hierarchical",
-        free_bits=100.0,
-    )
+    model = two_layer_vae("bottom_up", free_bits=100.0)
     x = (rng.uniform(size=(4, 8, 8, 1)) > 0.5).astype("float32")
     terms = model.compute_terms(x, training=True, seed=0)
     np.testing.assert_allclose(terms["loss"], terms["reconstruction_loss"] + 500.0, rtol=1e-6)
