@@ -265,15 +265,8 @@ class HierarchicalPosterior(keras.layers.Layer):
 
     def mean(self, params):
         """z at ε = 0: each layer at its conditional mean given the layer before it."""
-        blocks = [None] * len(self.sizes)
-        previous = None
-        for layer in self.order:
-            if previous is None:
-                blocks[layer] = params["z_mean"]
-            else:
-                blocks[layer] = self._layer(layer, blocks[previous], params)[0]
-            previous = layer
-        return ops.concatenate(blocks, axis=-1)
+        zero = ops.zeros((1, 1, self.latent_dim), "float32")
+        return self.sample(params, 1, epsilon=zero)[0]
 
     def marginals(self, params):
         return None
