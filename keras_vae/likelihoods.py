@@ -25,6 +25,9 @@ from keras_vae.settings import validate
 
 tfd = tfp.distributions
 
+# Elements per log in ``BernoulliLikelihood.fused_log_prob``: 2^16 bounds each product.
+LOG_GROUP = 16
+
 
 class Likelihood(keras.layers.Layer):
     """Base class: ``distribution(params)`` → p_θ(x|z); ``support``: the interval x lies in
@@ -43,6 +46,16 @@ class Likelihood(keras.layers.Layer):
     def build(self, data_shape):
         self.event_ndims = len(data_shape)
         self.built = True
+
+    def log_prob(self, params, x):
+        """log p_θ(x|z) per example, summed over the data elements, for the decoder's
+        output ``params``."""
+        return self.distribution(params).log_prob(x)
+
+    def fused_log_prob(self, params, x):
+        """``log_prob`` in the form that XLA compiles best; the evaluation runs it under
+        XLA, which exports must not use (TF Serving refuses XLA-marked functions)."""
+        return self.log_prob(params, x)
 
     def _independent(self, base):
         return tfd.Independent(base, reinterpreted_batch_ndims=self.event_ndims)
@@ -115,6 +128,23 @@ class BernoulliLikelihood(Likelihood):
     def distribution(self, params):
         logits = ops.cast(params, "float32")
         return self._independent(LogitBernoulli(logits=logits, dtype=logits.dtype))
+
+    def fused_log_prob(self, params, x):
+        """log p(x|z) = Σ_i x_i ℓ_i − relu ℓ_i − log(1 + e^−|ℓ_i|), with the last term
+        summed as Σ_g log Π_{i∈g} (1 + e^−|ℓ_i|) over groups g of ``LOG_GROUP`` elements:
+        one log per group instead of one per element, and each factor lies in (1, 2], so a
+        product cannot overflow."""
+        logits = tf.cast(params, tf.float32)
+        size = math.prod(logits.shape[logits.shape.rank - self.event_ndims :])
+        leading = tf.shape(logits)[: logits.shape.rank - self.event_ndims]
+        x = tf.broadcast_to(tf.cast(x, tf.float32), tf.shape(logits))
+        logits, x = tf.reshape(logits, [-1, size]), tf.reshape(x, [-1, size])
+        factors = tf.pad(
+            1 + tf.exp(-tf.abs(logits)), [[0, 0], [0, -size % LOG_GROUP]], constant_values=1
+        )
+        factors = tf.reshape(factors, [tf.shape(logits)[0], -1, LOG_GROUP])
+        log_terms = tf.reduce_sum(tf.math.log(tf.reduce_prod(factors, -1)), -1)
+        return tf.reshape(tf.reduce_sum(x * logits - tf.nn.relu(logits), -1) - log_terms, leading)
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")

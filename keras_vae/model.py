@@ -333,20 +333,21 @@ class VAE(keras.Model):
     def _decode(self, z, x=None, noise=None, training=False, c=None):
         """``decode`` of the model's own z (drawn or encoded, never NaN unless x overflows),
         conditioned on c(y) [batch, C] where the model is conditional."""
+        return self.likelihood.distribution(self._decode_params(z, x, noise, training, c))
+
+    def _decode_params(self, z, x=None, noise=None, training=False, c=None):
+        """The decoder's output, the likelihood's params, for ``_decode``'s arguments."""
         if c is not None:
             c = ops.broadcast_to(c, (*ops.shape(z)[:-1], self.condition_dim))
             z = ops.concatenate([z, c], axis=-1)
         if self.autoregressive:
             if x is None:
                 x = self.decoder.draw(z, noise)
-            return self.likelihood.distribution(
-                self.decoder(z, ops.convert_to_tensor(x, "float32"), training=training)
-            )
+            return self.decoder(z, ops.convert_to_tensor(x, "float32"), training=training)
         leading = ops.shape(z)[:-1]
         # The networks take [n, d + C]; K samples per example arrive as [K, batch, d + C].
         params = self.decoder(ops.reshape(z, (-1, ops.shape(z)[-1])), training=training)
-        params = ops.reshape(params, tuple(leading) + self.data_shape)
-        return self.likelihood.distribution(params)
+        return ops.reshape(params, tuple(leading) + self.data_shape)
 
     # ------------------------------------------------------------------ objective
     def current_beta(self):
@@ -367,6 +368,7 @@ class VAE(keras.Model):
         densities=True,
         y=None,
         by_layer=False,
+        log_likelihood=None,
     ):
         """For z_k ~ q_φ(z|x), k = 1..K: the [K, batch] tensors log p_θ(x|z_k), log p(z_k),
         log q_φ(z_k|x), and the closed-form KL(q_φ(z|x) ‖ p(z)) of shape [batch] (None where
@@ -376,9 +378,13 @@ class VAE(keras.Model):
         ``densities=False`` log p(z_k) and log q_φ(z_k|x) are not computed (None). With
         ``by_layer``, a fifth tensor: log q(z_l,k|·) − log p(z_l,k|·) for each stochastic
         layer, [L, K, batch], which sums over l to log q_φ(z_k|x) − log p(z_k) (None for a
-        model without ``latent_layers``).
+        model without ``latent_layers``). ``log_likelihood(params, x)`` computes
+        log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (the
+        evaluation passes an XLA-compiled ``likelihood.fused_log_prob``).
         """
-        draws = self._draws(x, y, num_samples, training, seed, epsilon, densities)
+        draws = self._draws(
+            x, y, num_samples, training, seed, epsilon, densities, log_likelihood=log_likelihood
+        )
         terms = draws["log_px_z"], draws["log_pz"], draws["log_qz"], draws["kl"]
         return (*terms, draws["layer_log_ratio"]) if by_layer else terms
 
@@ -392,6 +398,7 @@ class VAE(keras.Model):
         epsilon=None,
         densities=True,
         stop_posterior=False,
+        log_likelihood=None,
     ):
         """``log_weights``'s terms by name, with the posterior's ``params`` and the samples
         ``z`` [K, batch, d]; with ``stop_posterior``, log q(z_k|x) is differentiable in z_k
@@ -428,7 +435,8 @@ class VAE(keras.Model):
         if densities and draws["log_pz"] is None:
             draws["log_pz"] = prior.log_prob(z)
         draws["z"] = z
-        draws["log_px_z"] = self._decode(z, x, training=training, c=c).log_prob(x)
+        params_x = self._decode_params(z, x, training=training, c=c)
+        draws["log_px_z"] = (log_likelihood or self.likelihood.log_prob)(params_x, x)
         return draws
 
     def _posterior_at(self, x):

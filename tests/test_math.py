@@ -121,6 +121,37 @@ def test_bernoulli_gradient_and_other_methods_are_tfp_bernoulli(rng):
     np.testing.assert_allclose(from_probs, x * np.log(p) + (1 - x) * np.log1p(-p), rtol=1e-5)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bernoulli_fused_log_prob_is_the_summed_log_likelihood(rng, jit, dtype):
+    # 35 elements: two full groups of 16 and a padded one; logits up to ±80 saturate.
+    likelihood = BernoulliLikelihood()
+    likelihood.build((5, 7, 1))
+    logits = rng.normal(scale=6.0, size=(4, 3, 5, 7, 1))
+    logits[0, 0, :2, 0, 0] = [80.0, -80.0]
+    logits = tf.cast(logits, dtype)
+    x = rng.uniform(size=(3, 5, 7, 1)).astype("float32")
+    x[1] = np.round(x[1])
+    ell = np.float64(tf.cast(logits, "float32").numpy())
+    expected = np.sum(x * ell - np.logaddexp(0, ell), axis=(2, 3, 4))  # x·ℓ − softplus ℓ
+    fused = tf.function(likelihood.fused_log_prob, jit_compile=jit)(logits, x).numpy()
+    assert fused.shape == (4, 3)
+    np.testing.assert_allclose(fused, expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(fused, likelihood.log_prob(logits, x).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "likelihood",
+    [GaussianLikelihood(sigma=0.3, learn_sigma="per_pixel"), ContinuousBernoulliLikelihood()],
+)
+def test_other_likelihoods_fused_log_prob_is_their_log_prob_under_xla(rng, likelihood):
+    likelihood.build((3, 2))
+    params = rng.normal(size=(4, 5, 3, 2)).astype("float32")
+    x = rng.uniform(size=(5, 3, 2)).astype("float32")
+    fused = tf.function(likelihood.fused_log_prob, jit_compile=True)(params, x)
+    np.testing.assert_allclose(fused.numpy(), likelihood.log_prob(params, x).numpy(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
 def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     shape = (3, 2)
