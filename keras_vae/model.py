@@ -380,7 +380,7 @@ class VAE(keras.Model):
         layer, [L, K, batch], which sums over l to log q_φ(z_k|x) − log p(z_k) (None for a
         model without ``latent_layers``). ``log_likelihood(params, x)`` computes
         log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (the
-        evaluation passes an XLA-compiled ``likelihood.fused_log_prob``).
+        evaluation passes the XLA-compiled ``likelihood.fused_log_prob`` where there is one).
         """
         draws = self._draws(
             x, y, num_samples, training, seed, epsilon, densities, log_likelihood=log_likelihood

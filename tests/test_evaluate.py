@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import make_vae
 from scipy.special import logsumexp
 from test_math import LATENT, SIGMA, D, ppca, ppca_data, ppca_log_px, ppca_vae
@@ -167,6 +168,33 @@ def test_log_px_se_matches_the_spread_of_independent_repeats(variance_scale):
         # Light tails: repeats differ by less than 3·√2 SE about as often as normal (0.997).
         within = np.abs(estimates[::2] - estimates[1::2]) <= 3 * np.sqrt(2) * se[::2]
         assert within.mean() > 0.98, within.mean()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"architecture": "pixelcnn_made", "filters": (4, 4)},
+        {"conditional": True, "num_classes": 3},
+        {"prior": "hierarchical", "posterior": "ladder", "latent_layers": (2, 1)},
+    ],
+)
+def test_scores_are_the_uncompiled_likelihoods_on_the_same_draws(rng, settings):
+    # 5 × 7 pixels: the fused Bernoulli log-likelihood sums two groups of 16 and a padded one.
+    model = make_vae((5, 7, 1), latent_dim=3, hidden_units=(16,), seed=0, **settings)
+    x = (rng.uniform(size=(6, 5, 7, 1)) > 0.5).astype("float32")
+    y = np.arange(6) % 3 if model.conditional else None
+    k = 40
+    scores = importance_weighted(model, x, k, chunk_size=16, y=y)
+    # The same draws, scored with the likelihood's uncompiled log_prob: ε_k is seeded by (0, k).
+    epsilon = np.stack([tf.random.stateless_normal((6, 3), seed=[0, j]) for j in range(k)])
+    log_px_z, log_pz, log_qz, kl = (
+        None if t is None else np.float64(t) for t in model.log_weights(x, epsilon=epsilon, y=y)
+    )
+    log_px = logsumexp(log_px_z + log_pz - log_qz, axis=0) - np.log(k)
+    np.testing.assert_allclose(scores["log_px"], log_px, rtol=1e-6, atol=1e-4)
+    kl = (log_qz - log_pz).mean(0) if kl is None else kl
+    np.testing.assert_allclose(scores["elbo"], log_px_z.mean(0) - kl, rtol=1e-6, atol=1e-4)
 
 
 def test_report_in_nats_and_bits_per_dim(ppca_case):

@@ -140,18 +140,6 @@ def test_bernoulli_fused_log_prob_is_the_summed_log_likelihood(rng, jit, dtype):
     np.testing.assert_allclose(fused, likelihood.log_prob(logits, x).numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "likelihood",
-    [GaussianLikelihood(sigma=0.3, learn_sigma="per_pixel"), ContinuousBernoulliLikelihood()],
-)
-def test_other_likelihoods_fused_log_prob_is_their_log_prob_under_xla(rng, likelihood):
-    likelihood.build((3, 2))
-    params = rng.normal(size=(4, 5, 3, 2)).astype("float32")
-    x = rng.uniform(size=(5, 3, 2)).astype("float32")
-    fused = tf.function(likelihood.fused_log_prob, jit_compile=True)(params, x)
-    np.testing.assert_allclose(fused.numpy(), likelihood.log_prob(params, x).numpy(), rtol=1e-5)
-
-
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
 def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     shape = (3, 2)
