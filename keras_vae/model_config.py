@@ -130,7 +130,8 @@ class NetworkConfig:
 
     architecture: str = setting(
         "mlp",
-        "encoder/decoder family: mlp, conv (strided 3×3 convolutions), made (an "
+        "encoder/decoder family: mlp, gated_mlp (gated layers, a(Wx) ⊙ sigmoid(Vx)), "
+        "conv (strided 3×3 convolutions), made (an "
         "autoregressive MADE decoder, binary data), pixelcnn_made (MADE + masked "
         "convolutions, single-channel images)",
         choices=lambda: registry.names("network"),

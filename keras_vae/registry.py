@@ -24,6 +24,7 @@ class Entry:
 REGISTRY = {
     "network": {
         "mlp": Entry("keras_vae.networks.mlp:build"),
+        "gated_mlp": Entry("keras_vae.networks.gated_mlp:build"),
         "conv": Entry("keras_vae.networks.conv:build"),
         "made": Entry("keras_vae.networks.made:build", autoregressive=True),
         "pixelcnn_made": Entry("keras_vae.networks.pixelcnn_made:build", autoregressive=True),

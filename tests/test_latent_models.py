@@ -258,7 +258,12 @@ def test_bad_settings_of_the_new_pieces_are_named(settings, message):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"prior": "mixture"}, {"prior": "vamp", "num_components": 4}, {"posterior": "iaf"}],
+    [
+        {"prior": "mixture"},
+        {"prior": "vamp", "num_components": 4},
+        {"posterior": "iaf"},
+        {"architecture": "gated_mlp", "activation": "linear", "prior": "vamp", "num_components": 4},
+    ],
 )
 def test_each_piece_trains_saves_loads_and_serves_the_same_numbers(settings, tmp_path, rng):
     keras.utils.set_random_seed(0)

@@ -114,6 +114,26 @@ def test_config_round_trip():
     assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
 
 
+@pytest.mark.parametrize("activation", ["linear", "tanh"])
+def test_gated_mlp_layers_are_the_activation_times_the_sigmoid_gate(activation):
+    rng = np.random.default_rng(0)
+    model = small_vae(architecture="gated_mlp", hidden_units=(5, 3), activation=activation)
+    z = rng.normal(size=(6, 4)).astype("float32")
+    for layer in model.decoder.layers[:2]:
+        layer.dense.kernel.assign(rng.normal(size=layer.dense.kernel.shape))
+        layer.dense.bias.assign(rng.normal(size=layer.dense.bias.shape))
+    # z → a(W z + b) ⊙ sigmoid(V z + c), twice (widths 3 then 5), then the linear output.
+    h = np.float64(z)
+    for layer in model.decoder.layers[:2]:
+        pre = h @ layer.dense.kernel.numpy() + layer.dense.bias.numpy()
+        linear, gate = pre[:, : layer.units], pre[:, layer.units :]
+        h = (np.tanh(linear) if activation == "tanh" else linear) / (1 + np.exp(-gate))
+    output = model.decoder.layers[2]
+    logits = (h @ output.kernel.numpy() + output.bias.numpy()).reshape(6, 8, 8, 1)
+    assert [layer.units for layer in model.decoder.layers[:2]] == [3, 5]
+    np.testing.assert_allclose(model.decoder(z).numpy(), logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("architecture", ["mlp", "conv"])
 def test_dropout_acts_on_the_decoder_only_while_training(architecture):
     model = small_vae(architecture=architecture, filters=(4, 8), dropout=0.5)

@@ -1,5 +1,6 @@
 """Layers shared by the network families: ``Dense`` and ``Conv2DTranspose`` whose bias
-gradient is accurate in bfloat16, and the decoder's ``dropout`` layers."""
+gradient is accurate in bfloat16, the ``GatedDense`` layer, and the decoder's ``dropout``
+layers."""
 
 import keras
 import tensorflow as tf
@@ -31,6 +32,37 @@ class Dense(keras.layers.Dense):
         if self.bias is not None:
             x = add_bias(x, self.bias)
         return x if self.activation is None else self.activation(x)
+
+
+@keras.saving.register_keras_serializable(package="keras_vae")
+class GatedDense(keras.layers.Layer):
+    """h = a(W x + b) ⊙ sigmoid(V x + c), the gated layer of the VampPrior paper's networks
+    (after Dauphin et al., 2017), a the ``activation`` (default linear). W and V are one
+    ``Dense`` of 2·units, so each layer is one matmul."""
+
+    def __init__(self, units, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.dense = Dense(2 * self.units, dtype=self.dtype_policy, name="dense")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+        self.built = True
+
+    def call(self, inputs):
+        h = self.dense(inputs)
+        return self.activation(h[..., : self.units]) * ops.sigmoid(h[..., self.units :])
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_vae")
