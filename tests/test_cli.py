@@ -16,7 +16,7 @@ def test_every_setting_is_a_flag_with_its_help_and_choices():
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for flag in run_config_module.flag_table():
         assert f"--{flag}" in help_text, flag
-    assert "{mlp,conv,made,pixelcnn_made}" in help_text
+    assert "{mlp,gated_mlp,conv,made,pixelcnn_made}" in help_text
     assert "{elbo,iwae}" in help_text
     assert "d, the size of z" in help_text
 
