@@ -1,18 +1,21 @@
 """Importance-weighted evaluation against the machine's float32 matmul peak.
 
-    python benchmarks/eval_throughput.py [--examples 200] [--k 5000] [--rows 1 3]
+    python benchmarks/eval_throughput.py [--examples 200] [--k 5000] [--rows 1 3] [--repeats 3]
 
 For MNIST row 1 (784-200-200-50 tanh MLPs, configs/mnist_vae.yaml) and row 3 (an MLP
 encoder and a MADE + PixelCNN decoder, configs/mnist_pixelcnn_made.yaml), each built in
 float32 and untrained (the cost does not depend on the weights), times
 ``keras_vae.evaluate.importance_weighted`` (what ``keras-vae evaluate`` runs) at K draws per
 example on the first test images of ``--mnist`` (binarized once, as the results' test set;
-the time of the first 100, which includes tracing, is taken off), and prints examples/s, the FLOPs per example counted from the model's graph by TensorFlow's
-profiler (the encoder once, then K draws, each the posterior's and prior's densities and the
-decoder's log p(x|z)), the achieved GFLOP/s and their fraction of the measured matmul peak.
+the time of the first 100, which includes tracing, is taken off; the median of
+``--repeats`` timings), and prints examples/s, the FLOPs per example counted from the
+model's graph by TensorFlow's profiler (the encoder once, then K draws, each the
+posterior's and prior's densities and the decoder's log p(x|z)), the achieved GFLOP/s and
+their fraction of the measured matmul peak.
 """
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +50,7 @@ def main():
     parser.add_argument("--k", type=int, default=5000)
     parser.add_argument("--rows", type=int, nargs="+", default=sorted(ROWS), choices=sorted(ROWS))
     parser.add_argument("--mnist", type=Path, default=MNIST)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.examples <= 100:
         parser.error("--examples must be > 100: the first batch of 100 absorbs the tracing")
@@ -61,14 +65,17 @@ def main():
         model = build_model(config, x.shape[1:])
         one, two = graph_flops(model, x[:1], 1), graph_flops(model, x[:1], 2)
         flops = one + (args.k - 1) * (two - one)  # the encoder once, then K draws
-        # Each call traces its own step: the time of the first batch of 100, tracing
-        # included, is taken off that of all the examples.
-        seconds = []
-        for n in (100, len(x)):
-            start = time.perf_counter()
-            importance_weighted(model, x[:n], args.k)
-            seconds.append(time.perf_counter() - start)
-        per_second = (len(x) - 100) / (seconds[1] - seconds[0])
+        timings = []
+        for _ in range(args.repeats):
+            # Each call traces its own step: the time of the first batch of 100, tracing
+            # included, is taken off that of all the examples.
+            seconds = []
+            for n in (100, len(x)):
+                start = time.perf_counter()
+                importance_weighted(model, x[:n], args.k)
+                seconds.append(time.perf_counter() - start)
+            timings.append((len(x) - 100) / (seconds[1] - seconds[0]))
+        per_second = statistics.median(timings)
         rate = per_second * flops
         print(
             f"{row:<5}{args.k:>6}{per_second:>12.2f}{flops / 1e9:>15.3f}"

@@ -32,10 +32,12 @@ class DiagonalGaussianMixture(tfd.Distribution):
     """Σ_k softmax(a)_k N(z; m_k, diag s_k²), k = 1..K, over z ∈ R^d (batch shape []): the
     mixture priors' p(z), from ``logits`` a [K], ``loc`` m [K, d] and ``scale`` s [K, d].
 
-    ``log_prob`` expands Σ_j (z_j − m_kj)² / s_kj² = z²·A_k − 2 z·(m⊙A)_k + m²·A_k, A = s⁻²,
-    into two matmuls over all K components (TFP's ``MixtureSameFamily`` broadcasts z against
-    every component, [..., K, d]), in float64, where the cancellation of those terms keeps
-    enough digits; draws are not reparameterized."""
+    ``log_prob`` is logsumexp_k of log π_k + log N(z; m_k, diag s_k²), whose quadratic
+    Σ_j (z_j − m_kj)²/s_kj² = z²·A_k − 2 z·(m⊙A)_k + m²·A_k (A = s⁻²) makes each term one
+    inner product [z², z, 1]·[−½A_k, (m⊙A)_k, c_k]: one matmul over all K components (TFP's
+    ``MixtureSameFamily`` broadcasts z against every component, [..., K, d]), in float64,
+    where the cancellation of those terms keeps enough digits; draws are not
+    reparameterized."""
 
     def __init__(self, logits, loc, scale, name="DiagonalGaussianMixture"):
         parameters = dict(locals())
@@ -69,16 +71,16 @@ class DiagonalGaussianMixture(tfd.Distribution):
         loc = tf.cast(self.loc, tf.float64)
         log_scale = tf.math.log(tf.cast(self.scale, tf.float64))
         precision = tf.exp(-2.0 * log_scale)
-        squares = (
-            tf.matmul(flat**2, precision, transpose_b=True)
-            - 2.0 * tf.matmul(flat, loc * precision, transpose_b=True)
-            + tf.reduce_sum(loc**2 * precision, axis=-1)
-        )  # [N, K]
-        log_normalizer = -tf.reduce_sum(log_scale, axis=-1) - tf.cast(d, tf.float64) * (
-            0.5 * math.log(2 * math.pi)
-        )
-        log_weights = tf.nn.log_softmax(tf.cast(self.logits, tf.float64))
-        log_p = tf.reduce_logsumexp(log_weights + log_normalizer - 0.5 * squares, axis=-1)
+        constant = (
+            tf.nn.log_softmax(tf.cast(self.logits, tf.float64))
+            - tf.reduce_sum(log_scale, axis=-1)
+            - tf.cast(d, tf.float64) * (0.5 * math.log(2 * math.pi))
+            - 0.5 * tf.reduce_sum(loc**2 * precision, axis=-1)
+        )  # [K]
+        features = tf.concat([flat**2, flat, tf.ones_like(flat[:, :1])], axis=-1)
+        coefficients = tf.concat([-0.5 * precision, loc * precision, constant[:, None]], -1)
+        log_terms = tf.matmul(features, coefficients, transpose_b=True)  # [N, K]
+        log_p = tf.reduce_logsumexp(log_terms, axis=-1)
         return tf.reshape(tf.cast(log_p, tf.float32), tf.shape(z)[:-1])
 
     def _sample_n(self, n, seed=None):
