@@ -26,7 +26,7 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from keras_vae import registry
-from keras_vae.networks.layers import Dense
+from keras_vae.networks.layers import Dense, GatedDense
 from keras_vae.sampling import Sampling
 
 tfd = tfp.distributions
@@ -114,21 +114,24 @@ class GaussianLayer(keras.layers.Layer):
     """(μ, log σ²) of a diagonal Gaussian over R^``units``, float32: an MLP of
     ``hidden_units`` on its input u, whose first layer also reads an optional context h
     (a(W u + V h + b), V h computed once per example however many samples u has), then a
-    linear head."""
+    linear head. ``gated``: each hidden layer is a(W u + b) ⊙ sigmoid(W' u + b') (with
+    the context in both halves), as in the gated_mlp family."""
 
-    def __init__(self, units, hidden_units=(), activation="tanh", **kwargs):
+    def __init__(self, units, hidden_units=(), activation="tanh", gated=False, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.hidden_units = tuple(int(n) for n in hidden_units)
         self.activation = activation
         self.activation_fn = keras.activations.get(activation)
+        self.gated = bool(gated)
 
     def build(self, input_shape, context_shape=None):
         dtype = self.dtype_policy
         width = input_shape[-1]
+        halves = 2 if self.gated else 1
         self.hidden = []
         for i, units in enumerate(self.hidden_units):
-            layer = Dense(units, dtype=dtype, name=f"hidden_{i}")
+            layer = Dense(halves * units, dtype=dtype, name=f"hidden_{i}")
             layer.build((None, width))
             self.hidden.append(layer)
             width = units
@@ -137,7 +140,7 @@ class GaussianLayer(keras.layers.Layer):
         self.context_dense = None
         if context_shape is not None:
             # The context joins the first hidden layer, or the head if there is none.
-            joins = self.hidden_units[0] if self.hidden_units else 2 * self.units
+            joins = halves * self.hidden_units[0] if self.hidden_units else 2 * self.units
             self.context_dense = Dense(joins, use_bias=False, dtype=dtype, name="context")
             self.context_dense.build((None, context_shape[-1]))
 
@@ -151,9 +154,15 @@ class GaussianLayer(keras.layers.Layer):
             if i == 0 and context is not None:
                 h = h + self.context_dense(context)
             if layer is not self.head:
-                h = self.activation_fn(h)
+                h = self._activate(h)
         h = ops.cast(h, "float32")
         return h[..., : self.units], h[..., self.units :]
+
+    def _activate(self, h):
+        if not self.gated:
+            return self.activation_fn(h)
+        units = h.shape[-1] // 2
+        return self.activation_fn(h[..., :units]) * ops.sigmoid(h[..., units:])
 
     def get_config(self):
         return {
@@ -161,6 +170,7 @@ class GaussianLayer(keras.layers.Layer):
             "units": self.units,
             "hidden_units": list(self.hidden_units),
             "activation": self.activation,
+            "gated": self.gated,
         }
 
 
@@ -181,6 +191,7 @@ class HierarchicalPosterior(keras.layers.Layer):
         latent_layers=(),
         layer_hidden_units=(100, 100),
         layer_activation="tanh",
+        layer_gated=False,
         seed=None,
         name="posterior",
         **kwargs,
@@ -189,6 +200,7 @@ class HierarchicalPosterior(keras.layers.Layer):
         self.latent_layers = tuple(int(n) for n in latent_layers)
         self.layer_hidden_units = tuple(int(n) for n in layer_hidden_units)
         self.layer_activation = layer_activation
+        self.layer_gated = bool(layer_gated)
         self.seed = seed
         self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
 
@@ -207,6 +219,7 @@ class HierarchicalPosterior(keras.layers.Layer):
                 self.sizes[layer],
                 self.layer_hidden_units,
                 self.layer_activation,
+                self.layer_gated,
                 dtype=self.dtype_policy,
                 name=f"q_{layer + 1}",
             )
@@ -277,6 +290,7 @@ class HierarchicalPosterior(keras.layers.Layer):
             "latent_layers": list(self.latent_layers),
             "layer_hidden_units": list(self.layer_hidden_units),
             "layer_activation": self.layer_activation,
+            "layer_gated": self.layer_gated,
             "seed": self.seed,
         }
 
@@ -332,8 +346,9 @@ class LadderPosterior(TopDownPosterior):
         for layer, size in enumerate(self.sizes):
             if layer > 0:  # h_l = MLP(h_{l−1})
                 mlp = []
+                hidden_layer = GatedDense if self.layer_gated else Dense
                 for i, units in enumerate(self.layer_hidden_units):
-                    dense = Dense(
+                    dense = hidden_layer(
                         units,
                         activation=self.layer_activation,
                         dtype=dtype,
@@ -402,6 +417,7 @@ class HierarchicalPrior(keras.layers.Layer):
         latent_layers=(),
         layer_hidden_units=(100, 100),
         layer_activation="tanh",
+        layer_gated=False,
         top_prior="standard_normal",
         num_components=10,
         seed=None,
@@ -412,6 +428,7 @@ class HierarchicalPrior(keras.layers.Layer):
         self.latent_layers = tuple(int(n) for n in latent_layers)
         self.layer_hidden_units = tuple(int(n) for n in layer_hidden_units)
         self.layer_activation = layer_activation
+        self.layer_gated = bool(layer_gated)
         self.top_prior = top_prior
         self.num_components = int(num_components)
         self.seed = seed
@@ -442,6 +459,7 @@ class HierarchicalPrior(keras.layers.Layer):
                 self.sizes[layer],
                 self.layer_hidden_units,
                 self.layer_activation,
+                self.layer_gated,
                 dtype="float32",
                 name=f"p_{layer + 1}",
             )
@@ -476,6 +494,7 @@ class HierarchicalPrior(keras.layers.Layer):
             "latent_layers": list(self.latent_layers),
             "layer_hidden_units": list(self.layer_hidden_units),
             "layer_activation": self.layer_activation,
+            "layer_gated": self.layer_gated,
             "top_prior": self.top_prior,
             "num_components": self.num_components,
             "seed": self.seed,

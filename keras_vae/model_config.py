@@ -252,6 +252,11 @@ class DistributionsConfig:
     layer_activation: str = setting(
         "tanh", "hierarchical prior and posteriors: the nonlinearity of those MLPs"
     )
+    layer_gated: bool = setting(
+        False,
+        "hierarchical prior and posteriors: gate each hidden layer of those MLPs, "
+        "a(Wx + b) ⊙ sigmoid(Vx + c), as the gated_mlp family does",
+    )
     top_prior: str = setting(
         "standard_normal",
         "hierarchical prior: p(z_L), one of the other priors (vamp: the mixture of q(z_L|x) "

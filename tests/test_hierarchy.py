@@ -13,7 +13,12 @@ from scipy.stats import multivariate_normal, norm
 from keras_vae import VAE
 from keras_vae.evaluate import evaluate
 from keras_vae.export import SCORE_SAMPLES, score_epsilon
-from keras_vae.hierarchy import HierarchicalPrior, LadderPosterior, TopDownPosterior
+from keras_vae.hierarchy import (
+    GaussianLayer,
+    HierarchicalPrior,
+    LadderPosterior,
+    TopDownPosterior,
+)
 from keras_vae.likelihoods import GaussianLikelihood
 from keras_vae.posteriors import DiagonalGaussian
 from keras_vae.priors import StandardNormal
@@ -289,16 +294,40 @@ def test_a_vamp_prior_on_top_needs_a_top_down_posterior():
 
 
 @pytest.mark.parametrize(
-    "posterior, top_prior", [("top_down", "mixture"), ("bottom_up", "mixture"), ("ladder", "vamp")]
+    "posterior, top_prior, gated",
+    [("top_down", "mixture", True), ("bottom_up", "mixture", False), ("ladder", "vamp", True)],
 )
 def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
-    posterior, top_prior, tmp_path, rng
+    posterior, top_prior, gated, tmp_path, rng
 ):
     keras.utils.set_random_seed(0)
-    model = two_layer_vae(posterior, layer_hidden_units=(8,), top_prior=top_prior, num_components=3)
+    model = two_layer_vae(
+        posterior,
+        layer_hidden_units=(8,),
+        layer_gated=gated,
+        top_prior=top_prior,
+        num_components=3,
+    )
     x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
     history = assert_trains_saves_loads_and_serves(model, x, tmp_path)
     assert {"kl_1", "kl_2"} <= set(history)
+
+
+def test_a_gated_layer_multiplies_its_units_by_their_gates(rng):
+    """(μ, log σ²) = H [a(W u + V h + b) ⊙ sigmoid(W' u + V' h + b')] + c, computed by hand."""
+    layer = GaussianLayer(2, hidden_units=(3,), activation="tanh", gated=True)
+    layer.build((None, 4), (None, 5))
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    u, h = rng.normal(size=(7, 6, 4)), rng.normal(size=(6, 5))
+    hidden = layer.hidden[0]
+    pre = u @ hidden.kernel.numpy() + hidden.bias.numpy() + h @ layer.context_dense.kernel.numpy()
+    units = np.tanh(pre[..., :3]) / (1 + np.exp(-pre[..., 3:]))
+    out = units @ layer.head.kernel.numpy() + layer.head.bias.numpy()
+    mean, log_var = layer(u.astype("float32"), h.astype("float32"))
+    np.testing.assert_allclose(mean, out[..., :2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(log_var, out[..., 2:], rtol=1e-5, atol=1e-5)
+    assert GaussianLayer.from_config(layer.get_config()).gated
 
 
 def test_evaluate_reports_each_layers_kl_and_active_units(x3):
