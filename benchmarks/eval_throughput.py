@@ -54,6 +54,8 @@ def main():
     args = parser.parse_args()
     if args.examples <= 100:
         parser.error("--examples must be > 100: the first batch of 100 absorbs the tracing")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     print(describe())
     peak = matmul_peak()
     print(f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)

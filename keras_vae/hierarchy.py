@@ -154,14 +154,13 @@ class GaussianLayer(keras.layers.Layer):
             if i == 0 and context is not None:
                 h = h + self.context_dense(context)
             if layer is not self.head:
-                h = self._activate(h)
+                h = self._activate(h, self.hidden_units[i])
         h = ops.cast(h, "float32")
         return h[..., : self.units], h[..., self.units :]
 
-    def _activate(self, h):
+    def _activate(self, h, units):
         if not self.gated:
             return self.activation_fn(h)
-        units = h.shape[-1] // 2
         return self.activation_fn(h[..., :units]) * ops.sigmoid(h[..., units:])
 
     def get_config(self):
@@ -176,7 +175,8 @@ class GaussianLayer(keras.layers.Layer):
 
 class HierarchicalPosterior(keras.layers.Layer):
     """The base of the hierarchical posteriors: the first layer drawn from the encoder's
-    features h, each next one from a ``GaussianLayer`` on the layer drawn before it (and,
+    features h, each next one from a ``GaussianLayer`` (``layer_hidden_units``,
+    ``layer_activation``, gated with ``layer_gated``) on the layer drawn before it (and,
     where ``reads_features``, on h), in ``order``; z_l = μ_l + σ_l ⊙ ε_l with the base
     noise ε ~ N(0, I) of all layers drawn at once by the ``Sampling`` layer. Subclasses
     define ``ordered(L)``, the order in which the L layers are drawn, and set
@@ -321,7 +321,8 @@ class TopDownPosterior(HierarchicalPosterior):
 @keras.saving.register_keras_serializable(package="keras_vae")
 class LadderPosterior(TopDownPosterior):
     """The Ladder VAE's posterior (Sønderby et al., 2016). A bottom-up pass, h_1 the
-    encoder's features and h_l an MLP (``layer_hidden_units``) of h_{l−1}, gives each layer
+    encoder's features and h_l an MLP (``layer_hidden_units``; ``GatedDense`` layers with
+    ``layer_gated``) of h_{l−1}, gives each layer
     an estimate N(μ̂_l, σ̂_l²) (linear heads on h_l); then top-down q(z_L|x) = N(μ̂_L, σ̂_L²)
     and q(z_l | z_{l+1}, x) ∝ N(z_l; μ̂_l, σ̂_l²) p(z_l | z_{l+1}), the precision-weighted
     merge with the model's hierarchical prior:

@@ -34,7 +34,8 @@ class DiagonalGaussianMixture(tfd.Distribution):
 
     ``log_prob`` is logsumexp_k of log π_k + log N(z; m_k, diag s_k²), whose quadratic
     Σ_j (z_j − m_kj)²/s_kj² = z²·A_k − 2 z·(m⊙A)_k + m²·A_k (A = s⁻²) makes each term one
-    inner product [z², z, 1]·[−½A_k, (m⊙A)_k, c_k]: one matmul over all K components (TFP's
+    inner product [z², z, 1]·[−½A_k, (m⊙A)_k, c_k], c_k = log π_k − Σ_j log s_kj
+    − (d/2) log 2π − ½ m²·A_k: one matmul over all K components (TFP's
     ``MixtureSameFamily`` broadcasts z against every component, [..., K, d]), in float64,
     where the cancellation of those terms keeps enough digits; draws are not
     reparameterized."""

@@ -309,6 +309,7 @@ def test_a_hierarchy_trains_saves_loads_and_serves_the_same_numbers(
         num_components=3,
     )
     x = (rng.uniform(size=(64, 8, 8, 1)) > 0.5).astype("float32")
+    assert model.prior.layer_gated == model.posterior.layer_gated == gated
     history = assert_trains_saves_loads_and_serves(model, x, tmp_path)
     assert {"kl_1", "kl_2"} <= set(history)
 
@@ -327,7 +328,10 @@ def test_a_gated_layer_multiplies_its_units_by_their_gates(rng):
     mean, log_var = layer(u.astype("float32"), h.astype("float32"))
     np.testing.assert_allclose(mean, out[..., :2], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(log_var, out[..., 2:], rtol=1e-5, atol=1e-5)
-    assert GaussianLayer.from_config(layer.get_config()).gated
+    config = layer.get_config()
+    assert GaussianLayer.from_config(config).gated
+    # A layer saved before gating existed has no "gated" key: it loads ungated.
+    assert not GaussianLayer.from_config({k: v for k, v in config.items() if k != "gated"}).gated
 
 
 def test_evaluate_reports_each_layers_kl_and_active_units(x3):
