@@ -26,7 +26,7 @@ import tensorflow_probability as tfp
 from keras import ops
 
 from keras_vae import registry
-from keras_vae.networks.layers import Dense, GatedDense
+from keras_vae.networks.layers import Dense, GatedDense, gate
 from keras_vae.sampling import Sampling
 
 tfd = tfp.distributions
@@ -154,14 +154,10 @@ class GaussianLayer(keras.layers.Layer):
             if i == 0 and context is not None:
                 h = h + self.context_dense(context)
             if layer is not self.head:
-                h = self._activate(h, self.hidden_units[i])
+                units = self.hidden_units[i]
+                h = gate(h, units, self.activation_fn) if self.gated else self.activation_fn(h)
         h = ops.cast(h, "float32")
         return h[..., : self.units], h[..., self.units :]
-
-    def _activate(self, h, units):
-        if not self.gated:
-            return self.activation_fn(h)
-        return self.activation_fn(h[..., :units]) * ops.sigmoid(h[..., units:])
 
     def get_config(self):
         return {
@@ -322,10 +318,9 @@ class TopDownPosterior(HierarchicalPosterior):
 class LadderPosterior(TopDownPosterior):
     """The Ladder VAE's posterior (Sønderby et al., 2016). A bottom-up pass, h_1 the
     encoder's features and h_l an MLP (``layer_hidden_units``; ``GatedDense`` layers with
-    ``layer_gated``) of h_{l−1}, gives each layer
-    an estimate N(μ̂_l, σ̂_l²) (linear heads on h_l); then top-down q(z_L|x) = N(μ̂_L, σ̂_L²)
-    and q(z_l | z_{l+1}, x) ∝ N(z_l; μ̂_l, σ̂_l²) p(z_l | z_{l+1}), the precision-weighted
-    merge with the model's hierarchical prior:
+    ``layer_gated``) of h_{l−1}, gives each layer an estimate N(μ̂_l, σ̂_l²) (linear heads on
+    h_l); then top-down q(z_L|x) = N(μ̂_L, σ̂_L²) and q(z_l | z_{l+1}, x) ∝ N(z_l; μ̂_l, σ̂_l²)
+    p(z_l | z_{l+1}), the precision-weighted merge with the model's hierarchical prior:
 
         σ_l⁻² = σ̂_l⁻² + σ_p⁻²,   μ_l = σ_l² (μ̂_l σ̂_l⁻² + μ_p σ_p⁻²),
 

@@ -1,6 +1,6 @@
 """Layers shared by the network families: ``Dense`` and ``Conv2DTranspose`` whose bias
-gradient is accurate in bfloat16, the ``GatedDense`` layer, and the decoder's ``dropout``
-layers."""
+gradient is accurate in bfloat16, the ``GatedDense`` layer and its ``gate``, and the
+decoder's ``dropout`` layers."""
 
 import keras
 import tensorflow as tf
@@ -34,6 +34,12 @@ class Dense(keras.layers.Dense):
         return x if self.activation is None else self.activation(x)
 
 
+def gate(h, units, activation):
+    """a(h[..., :units]) ⊙ sigmoid(h[..., units:]): the gated units of pre-activations h
+    [..., 2·units] (``GatedDense``, the hierarchy's gated layers)."""
+    return activation(h[..., :units]) * ops.sigmoid(h[..., units:])
+
+
 @keras.saving.register_keras_serializable(package="keras_vae")
 class GatedDense(keras.layers.Layer):
     """h = a(W x + b) ⊙ sigmoid(V x + c), the gated layer of the VampPrior paper's networks
@@ -51,8 +57,7 @@ class GatedDense(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        h = self.dense(inputs)
-        return self.activation(h[..., : self.units]) * ops.sigmoid(h[..., self.units :])
+        return gate(self.dense(inputs), self.units, self.activation)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
