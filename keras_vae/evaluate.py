@@ -8,8 +8,8 @@ For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x
 The standard error of log p̂_K(x) is a delete-a-batch jackknife over B batches of the K draws
 (draw k in batch k mod B), computed on log p̂ itself.
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
-``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, seeded by
-(seed, batch index, draw index): the same call gives the same numbers, however chunked.
+``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, a function of
+(seed, batch index, draw index) alone: the same call gives the same numbers, however chunked.
 """
 
 import math
@@ -96,6 +96,28 @@ class _Accumulator:
         return np.sqrt((b - 1) / b * spread)
 
 
+def draw_noise(seed, batch_index, first, count, batch_size, latent_dim):
+    """ε [count, batch_size, latent_dim] ~ N(0, I), draws first … first + count − 1 of batch
+    b: draw k is the run of P numbers of the Philox stream keyed by (seed, b) that starts at
+    counter k·P/4 (P = batch_size · latent_dim rounded up to a multiple of 4, as Philox
+    gives 4 numbers per counter), so each draw's noise is the same however the draws are
+    chunked, and a chunk takes one random op."""
+    size = batch_size * latent_dim
+    padded = (size + 3) // 4 * 4
+    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(
+        seed=tf.stack([tf.constant(seed, tf.int64), batch_index])
+    )
+    offset = tf.cast(first * tf.cast(padded // 4, tf.int64), tf.uint64)
+    flat = tf.raw_ops.StatelessRandomNormalV2(
+        shape=tf.stack([tf.cast(count, tf.int32), padded]),
+        key=key,
+        counter=counter + tf.stack([offset, tf.constant(0, tf.uint64)]),
+        alg=tf.random.Algorithm.PHILOX.value,
+        dtype=tf.float32,
+    )
+    return tf.reshape(flat[:, :size], tf.stack([tf.cast(count, tf.int32), batch_size, latent_dim]))
+
+
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
     """Per-example arrays: ``elbo``, ``elbo_se``, ``kl``, ``log_px``, ``log_px_se`` (K draws),
     ``kl_per_layer`` [L, N] (each stochastic layer's Monte Carlo term of the KL, the mean over
@@ -125,15 +147,8 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
 
     @tf.function(reduce_retracing=True)
     def draws(x_batch, y_batch, first, count, batch_index):
-        # ε_k for draw k of batch b is seeded by (seed, b·K + k) alone, so the numbers do
-        # not depend on how the K draws are split into chunks.
-        shape = tf.stack([tf.shape(x_batch)[0], model.latent_dim])
-        epsilon = tf.map_fn(
-            lambda k: tf.random.stateless_normal(
-                shape, seed=tf.stack([tf.constant(seed, tf.int64), batch_index * num_samples + k])
-            ),
-            tf.range(first, first + count),
-            fn_output_signature=tf.float32,
+        epsilon = draw_noise(
+            seed, batch_index, first, count, tf.shape(x_batch)[0], model.latent_dim
         )
         log_px_z, log_pz, log_qz, kl, by_layer = model.log_weights(
             x_batch, epsilon=epsilon, y=y_batch, by_layer=True, log_likelihood=log_likelihood

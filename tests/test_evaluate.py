@@ -14,6 +14,7 @@ from keras_vae.cli import load_run_or_model, main
 from keras_vae.evaluate import (
     SE_BATCHES,
     _Accumulator,
+    draw_noise,
     evaluate,
     importance_weighted,
     k_ladder,
@@ -93,14 +94,32 @@ def test_k1_estimate_equals_the_elbo(ppca_case):
     assert abs(diff.mean()) < 4 * diff.std(ddof=1) / np.sqrt(len(diff))
 
 
-def test_chunking_gives_the_same_numbers(ppca_case):
+@pytest.mark.parametrize("batch_size", [40, 13])  # 13 × 2 latent numbers: not a multiple of 4
+def test_chunking_gives_the_same_numbers(ppca_case, batch_size):
     model, x, _ = ppca_case
-    one_pass = importance_weighted(model, x, 300, batch_size=40, chunk_size=300, seed=5)
-    chunked = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
+    one_pass = importance_weighted(model, x, 300, batch_size=batch_size, chunk_size=300, seed=5)
+    chunked = importance_weighted(model, x, 300, batch_size=batch_size, chunk_size=7, seed=5)
     for key in ("elbo", "elbo_se", "kl", "log_px", "log_px_se"):
         np.testing.assert_allclose(chunked[key], one_pass[key], rtol=1e-6, atol=1e-6)
-    again = importance_weighted(model, x, 300, batch_size=40, chunk_size=7, seed=5)
+    again = importance_weighted(model, x, 300, batch_size=batch_size, chunk_size=7, seed=5)
     np.testing.assert_array_equal(again["log_px"], chunked["log_px"])
+
+
+def test_draw_noise_is_the_same_however_chunked_and_standard_normal():
+    def noise(first, count, batch_index=3, seed=5):
+        return draw_noise(seed, tf.constant(batch_index, tf.int64), first, count, 7, 3).numpy()
+
+    whole = noise(0, 50)
+    assert whole.shape == (50, 7, 3)
+    pieces = np.concatenate([noise(0, 1), noise(1, 10), noise(11, 39)])
+    np.testing.assert_array_equal(pieces, whole)
+    # Another batch or seed draws other numbers.
+    assert not np.any(noise(0, 50, batch_index=4) == whole)
+    assert not np.any(noise(0, 50, seed=6) == whole)
+    many = noise(0, 20000).ravel()  # 420,000 numbers: mean and variance within 5 SEs
+    assert abs(many.mean()) < 5 / np.sqrt(many.size)
+    assert abs(many.var() - 1) < 5 * np.sqrt(2 / many.size)
+    assert abs(np.corrcoef(many[:-1], many[1:])[0, 1]) < 5 / np.sqrt(many.size)
 
 
 def jackknife_se(log_w, batches):
@@ -186,8 +205,8 @@ def test_scores_are_the_uncompiled_likelihoods_on_the_same_draws(rng, settings):
     y = np.arange(6) % 3 if model.conditional else None
     k = 40
     scores = importance_weighted(model, x, k, chunk_size=16, y=y)
-    # The same draws, scored with the likelihood's uncompiled log_prob: ε_k is seeded by (0, k).
-    epsilon = np.stack([tf.random.stateless_normal((6, 3), seed=[0, j]) for j in range(k)])
+    # The same draws, scored with the likelihood's uncompiled log_prob.
+    epsilon = draw_noise(0, tf.constant(0, tf.int64), 0, k, 6, 3)
     log_px_z, log_pz, log_qz, kl = (
         None if t is None else np.float64(t) for t in model.log_weights(x, epsilon=epsilon, y=y)
     )
