@@ -8,8 +8,9 @@ For each example, with z_k ~ q_φ(z|x) and w_k = p_θ(x|z_k) p(z_k) / q_φ(z_k|x
 The standard error of log p̂_K(x) is a delete-a-batch jackknife over B batches of the K draws
 (draw k in batch k mod B), computed on log p̂ itself.
 Draws are taken in chunks over K with a running logsumexp, so memory is bounded by
-``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, a function of
-(seed, batch index, draw index) alone: the same call gives the same numbers, however chunked.
+``batch_size × chunk_size`` decodes whatever K is. Noise is stateless, a function of the
+seed, the batch's index and shape and the draw's index: the same call gives the same numbers,
+however chunked.
 """
 
 import math
