@@ -109,14 +109,15 @@ def draw_noise(seed, batch_index, first, count, batch_size, latent_dim):
         seed=tf.stack([tf.constant(seed, tf.int64), batch_index])
     )
     offset = tf.cast(first * tf.cast(padded // 4, tf.int64), tf.uint64)
+    count = tf.cast(count, tf.int32)
     flat = tf.raw_ops.StatelessRandomNormalV2(
-        shape=tf.stack([tf.cast(count, tf.int32), padded]),
+        shape=tf.stack([count, padded]),
         key=key,
         counter=counter + tf.stack([offset, tf.constant(0, tf.uint64)]),
         alg=tf.random.Algorithm.PHILOX.value,
         dtype=tf.float32,
     )
-    return tf.reshape(flat[:, :size], tf.stack([tf.cast(count, tf.int32), batch_size, latent_dim]))
+    return tf.reshape(flat[:, :size], tf.stack([count, batch_size, latent_dim]))
 
 
 def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, seed=0, y=None):
