@@ -181,7 +181,8 @@ class TrainingConfig:
     )
     early_stopping_patience: int = setting(
         0,
-        "stop when the validation ELBO has not improved for this many epochs; 0: off",
+        "stop when the validation ELBO has not improved for this many epochs; 0: off "
+        "(a resumed run may lengthen it)",
         check=lambda v: v >= 0,
         requirement="be >= 0",
     )
@@ -243,10 +244,11 @@ SECTIONS = {
     "training": TrainingConfig,
     "output": OutputConfig,
 }
-# What a resumed run may change: how long it trains, the learning rates of the epochs it
-# has not trained yet, and what it writes after training.
+# What a resumed run may change: how long it trains (its epochs, a longer early-stopping
+# patience), the learning rates of the epochs it has not trained yet, and what it writes
+# after training.
 RESUMABLE = {
-    "training": ("epochs", "lr_decay_epochs", "lr_decay_factor"),
+    "training": ("epochs", "early_stopping_patience", "lr_decay_epochs", "lr_decay_factor"),
     "output": ("plots", "export_dir", "export_name"),
 }
 

@@ -175,9 +175,10 @@ def new_run_dir(config):
 
 
 def _check_resumed_config(saved, config, epochs_done):
-    """Refuses a config that differs from the run's saved one outside ``RESUMABLE``, or
-    a learning-rate schedule that would rewrite epochs already trained, so that the run's
-    config.json keeps describing exactly how it was trained."""
+    """Refuses a config that differs from the run's saved one outside ``RESUMABLE``, a
+    shorter early-stopping patience, or a learning-rate schedule that would rewrite epochs
+    already trained, so that the run's config.json keeps describing exactly how it was
+    trained."""
     saved_values, values = saved.to_dict(), config.to_dict()
     changed = [
         f"{key}: {saved_values[section][key]!r} -> {value!r}"
@@ -190,6 +191,14 @@ def _check_resumed_config(saved, config, epochs_done):
         raise ConfigError(
             f"a resumed run keeps its saved config; only {resumable} may change (got "
             f"{'; '.join(changed)})"
+        )
+    # A longer patience (or none) would not have stopped the epochs trained under the
+    # saved one; a shorter one might have.
+    before, after = saved.training.early_stopping_patience, config.training.early_stopping_patience
+    if after and not before or 0 < after < before:
+        raise ConfigError(
+            f"a resumed run may lengthen its early_stopping_patience or turn it off (0), "
+            f"not shorten it: {before} -> {after}"
         )
     for epoch in range(epochs_done):
         before = saved.training.learning_rate_at(epoch)

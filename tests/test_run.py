@@ -375,7 +375,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     train(config, run_dir=tmp_path / "run", verbose=0)
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
     assert (
-        "only epochs, lr_decay_epochs, lr_decay_factor, plots, export_dir, export_name may "
+        "only epochs, early_stopping_patience, lr_decay_epochs, lr_decay_factor, plots, "
+        "export_dir, export_name may "
         "change (got latent_dim: 2 -> 4)"
     ) in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--config", "c.yaml"]) == 2
@@ -442,6 +443,17 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
     )
     last = keras.saving.load_model(tmp_path / "whole" / "checkpoints" / "last.keras")
     assert int(last.optimizer.iterations.numpy()) == int(want.optimizer.iterations.numpy())
+    # A shorter patience might have stopped it sooner; a longer one continues it.
+    with pytest.raises(ConfigError, match="not shorten it: 2 -> 1"):
+        train(
+            config.replace({"training": {"early_stopping_patience": 1}}),
+            tmp_path / "whole",
+            resume=True,
+        )
+    longer = config.replace({"training": {"early_stopping_patience": 3}})
+    extended = train(longer, tmp_path / "whole", resume=True, verbose=0)
+    assert extended.metrics["epochs_completed"] > stopped
+    assert RunConfig.load(tmp_path / "whole" / "config.json") == longer
 
 
 def _learning_rates(run_dir):
