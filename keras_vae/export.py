@@ -62,7 +62,8 @@ def score_epsilon(latent_dim):
 
     Draws shared by all rows put the same error into every row's score, and plain normal
     draws have a second moment off by O(1/√K); with N(0, I)'s first two moments matched,
-    E_q[log p_θ(x|z)] is exact for a decoder linear in z (saved_models/README.md)."""
+    E_q[log p_θ(x|z)] is exact for a Gaussian posterior and a decoder linear in z
+    (saved_models/README.md)."""
     half_k = SCORE_SAMPLES // 2
     half = tf.random.stateless_normal((half_k, latent_dim), seed=SCORE_SEED, dtype=tf.float64)
     if latent_dim <= half_k:

@@ -29,8 +29,8 @@ from keras_vae.settings import ConfigError
 class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
     """Stops when the validation ELBO has not improved for ``patience`` epochs, counting
     from a checkpoint's best value and its epochs since then, so that a resumed run stops
-    where the uninterrupted one would (``EarlyStopping`` itself starts every ``fit`` afresh).
-    """
+    where an uninterrupted one with this patience would (``EarlyStopping`` itself starts
+    every ``fit`` afresh)."""
 
     def __init__(self, patience, best=-np.inf, wait=0):
         super().__init__(monitor="val_elbo", mode="max", patience=patience)
@@ -216,6 +216,12 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
             f"{len(data.x_test)} test examples (validation_fraction "
             f"{config.data.validation_fraction}); both must be >= 1"
         )
+    if training.early_stopping_patience and not len(x_val):
+        raise ValueError(
+            f"early_stopping_patience {training.early_stopping_patience} needs validation "
+            f"examples, and validation_fraction {config.data.validation_fraction} of "
+            f"{len(data.x_train)} training examples holds out none"
+        )
     steps = datasets.steps_per_epoch(len(x_train), training.batch_size)
     check_steps_per_execution(training.steps_per_execution, steps)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
@@ -242,8 +248,8 @@ def fit(config, run_dir=None, resume=False, callbacks=(), verbose=1):
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     initial_epoch = state["epochs_completed"]
-    # Epochs since the best validation ELBO: as many as the patience, and the run had
-    # stopped early; a resumed run then trains no further.
+    # Epochs since the best validation ELBO: as many as the patience, and the run stops (or,
+    # resumed, stays stopped) where an uninterrupted run with this patience would.
     wait = initial_epoch - state["best_epoch"]
     patience = training.early_stopping_patience
     config.save(run_dir / "config.json")

@@ -466,7 +466,7 @@ class VAE(keras.Model):
         if q is not None and p is not None:
             kl_groups = tf.convert_to_tensor(q.kl_divergence(p))  # [batch, d]
         elif self.latent_layers and getattr(self.posterior, "top_down", False):
-            # Top-down, each layer's term is a KL (≥ 0): one group each, floored at λ·d_l.
+            # Top-down, each layer's term estimates a KL: one group each, floored at λ·d_l.
             kl_groups = ops.transpose(draws["layer_kl"])
             floor = floor * ops.convert_to_tensor(self.latent_layers, "float32")
         else:
@@ -475,13 +475,15 @@ class VAE(keras.Model):
         return ops.sum(ops.where(used, kl_groups, floor), axis=-1)
 
     def compute_terms(self, x, training=False, beta=None, seed=None, y=None):
-        """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``,
-        with the model's K samples, KL estimator, objective, free bits and β (default:
-        current β). ``kl_loss`` and ``elbo`` are the true ones, free bits or not.
+        """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``
+        and, for L latent layers, ``kl_1`` … ``kl_L`` (summing to ``kl_loss``), with the
+        model's K samples, KL estimator, objective, free bits and β (default: current β).
+        ``kl_loss`` and ``elbo`` are the true ones, free bits or not.
 
         With ``gradient_estimator="dreg"`` and ``training``, log q_φ(z|x) in ``loss`` is
         stopped in q's parameters: its value is the IWAE loss, but its gradient is DReG's
-        only as ``compute_gradients`` takes it."""
+        only as ``compute_gradients`` takes it; the terms then also hold ``z``, the log
+        weights ``log_w`` and ``beta``."""
         config = self.config
         beta = self.current_beta() if beta is None else beta
         dreg = training and config.gradient_estimator == "dreg"

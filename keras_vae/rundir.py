@@ -189,16 +189,25 @@ def _check_resumed_config(saved, config, epochs_done):
     if changed:
         resumable = ", ".join(key for keys in RESUMABLE.values() for key in keys)
         raise ConfigError(
-            f"a resumed run keeps its saved config; only {resumable} may change (got "
+            f"a resumed run keeps its saved config; only {resumable} may change (the "
+            f"patience lengthened only; got "
             f"{'; '.join(changed)})"
         )
     # A longer patience (or none) would not have stopped the epochs trained under the
-    # saved one; a shorter one might have.
-    before, after = saved.training.early_stopping_patience, config.training.early_stopping_patience
-    if after and not before or 0 < after < before:
+    # saved one; a shorter one, or one where there was none, might have.
+    saved_patience, patience = (
+        saved.training.early_stopping_patience,
+        config.training.early_stopping_patience,
+    )
+    if patience and not saved_patience:
+        raise ConfigError(
+            f"a resumed run trained without early stopping cannot turn it on: "
+            f"early_stopping_patience 0 -> {patience}"
+        )
+    if 0 < patience < saved_patience:
         raise ConfigError(
             f"a resumed run may lengthen its early_stopping_patience or turn it off (0), "
-            f"not shorten it: {before} -> {after}"
+            f"not shorten it: {saved_patience} -> {patience}"
         )
     for epoch in range(epochs_done):
         before = saved.training.learning_rate_at(epoch)

@@ -168,6 +168,16 @@ def _cases(run, tmp):
             "leave out --run-dir",
         ),
         ("damaged test set", ["evaluate", str(bad_test_set), "--k", "2"], "test_set.npz"),
+        (
+            "early stopping turned on at resume",
+            ["train", "--resume", str(run), "--early-stopping-patience", "3"],
+            "trained without early stopping cannot turn it on: early_stopping_patience 0 -> 3",
+        ),
+        (
+            "early stopping without validation examples",
+            ["train", "--validation-fraction", "0.0001", "--early-stopping-patience", "2", *runs],
+            "validation_fraction 0.0001 of 1437 training examples holds out none",
+        ),
     ]
 
 

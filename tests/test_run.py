@@ -376,8 +376,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
     assert (
         "only epochs, early_stopping_patience, lr_decay_epochs, lr_decay_factor, plots, "
-        "export_dir, export_name may "
-        "change (got latent_dim: 2 -> 4)"
+        "export_dir, export_name may change (the patience lengthened only; got latent_dim: "
+        "2 -> 4)"
     ) in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--config", "c.yaml"]) == 2
     assert "leave out --config" in capsys.readouterr().err
@@ -450,10 +450,13 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_run_stops(tmp_path):
             tmp_path / "whole",
             resume=True,
         )
-    longer = config.replace({"training": {"early_stopping_patience": 3}})
-    extended = train(longer, tmp_path / "whole", resume=True, verbose=0)
-    assert extended.metrics["epochs_completed"] > stopped
-    assert RunConfig.load(tmp_path / "whole" / "config.json") == longer
+    for patience, epochs in ((3, stopped + 1), (0, stopped + 2)):
+        longer = config.replace(
+            {"training": {"early_stopping_patience": patience, "epochs": epochs}}
+        )
+        resumed = train(longer, tmp_path / "whole", resume=True, verbose=0)
+        assert resumed.metrics["epochs_completed"] == epochs
+        assert RunConfig.load(tmp_path / "whole" / "config.json") == longer
 
 
 def _learning_rates(run_dir):
