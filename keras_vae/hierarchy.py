@@ -27,14 +27,10 @@ from keras import ops
 
 from keras_vae import registry
 from keras_vae.networks.layers import Dense, GatedDense, gate
+from keras_vae.posteriors import gaussian
 from keras_vae.sampling import Sampling
 
 tfd = tfp.distributions
-
-
-def gaussian(mean, log_var):
-    """N(mean, diag exp(log_var)) over the last axis."""
-    return tfd.MultivariateNormalDiag(loc=mean, scale_diag=ops.exp(0.5 * log_var))
 
 
 def check_layers(latent_layers, latent_dim):
@@ -200,10 +196,14 @@ class HierarchicalPosterior(keras.layers.Layer):
         self.seed = seed
         self.sampling = Sampling(seed=seed, dtype="float32", name="sampling")
 
-    def build(self, features_shape, latent_dim):
+    def _set_layers(self, latent_dim):
+        """The layers' sizes, latent_dim and the order in which q draws them."""
         self.sizes = check_layers(self.latent_layers, latent_dim)
         self.latent_dim = int(latent_dim)
         self.order = self.ordered(len(self.sizes))
+
+    def build(self, features_shape, latent_dim):
+        self._set_layers(latent_dim)
         first = self.order[0]
         self.first = GaussianLayer(
             self.sizes[first], dtype=self.dtype_policy, name=f"q_{first + 1}"
@@ -333,9 +333,7 @@ class LadderPosterior(TopDownPosterior):
     reads_prior = True
 
     def build(self, features_shape, latent_dim):
-        self.sizes = check_layers(self.latent_layers, latent_dim)
-        self.latent_dim = int(latent_dim)
-        self.order = self.ordered(len(self.sizes))
+        self._set_layers(latent_dim)
         dtype = self.dtype_policy
         self.deterministic, self.estimates = [], []
         shape = tuple(features_shape)

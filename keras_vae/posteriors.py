@@ -30,6 +30,11 @@ from keras_vae.sampling import Sampling
 tfd = tfp.distributions
 
 
+def gaussian(mean, log_var):
+    """N(mean, diag exp(log_var)) over the last axis."""
+    return tfd.MultivariateNormalDiag(loc=mean, scale_diag=ops.exp(0.5 * log_var))
+
+
 @keras.saving.register_keras_serializable(package="keras_vae")
 class DiagonalGaussian(keras.layers.Layer):
     """q_φ(z|x) = N(μ_φ(x), diag σ²_φ(x)), μ and log σ² linear in the encoder's features;
@@ -56,9 +61,7 @@ class DiagonalGaussian(keras.layers.Layer):
         }
 
     def distribution(self, params):
-        return tfd.MultivariateNormalDiag(
-            loc=params["z_mean"], scale_diag=ops.exp(0.5 * params["z_log_var"])
-        )
+        return gaussian(params["z_mean"], params["z_log_var"])
 
     def sample(self, params, num_samples, seed=None, epsilon=None):
         return self.sampling(
