@@ -63,17 +63,20 @@ class _Accumulator:
     def add(self, log_w, log_px_z):
         """Adds draws ``count``, ``count`` + 1, … ([draws, n] arrays)."""
         log_w, log_px_z = np.float64(log_w), np.float64(log_px_z)
-        batch_of = (self.count + np.arange(len(log_w))) % self.batches
+        b, offset = self.batches, self.count % self.batches
+        # Rows of B draws (w = 0 in the padding) put draw k in column k mod B: one
+        # logsumexp for the chunk rather than one per batch.
+        rows = -(-(offset + len(log_w)) // b)
+        padded = np.full((rows * b, log_w.shape[1]), -np.inf)
+        padded[offset : offset + len(log_w)] = log_w
         # Non-finite draws give NaN sums that importance_weighted reports by example.
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for b in np.unique(batch_of):
-                self.lse_batch[:, b] = np.logaddexp(
-                    self.lse_batch[:, b], logsumexp(log_w[batch_of == b], axis=0)
-                )
+            by_batch = logsumexp(padded.reshape(rows, b, -1), axis=0)
+            self.lse_batch = np.logaddexp(self.lse_batch, by_batch.T)
             self.sum_ll += log_px_z.sum(0)
             self.sum_ll2 += (log_px_z**2).sum(0)
             self.sum_log_ratio += (log_px_z - log_w).sum(0)
-        self.batch_sizes += np.bincount(batch_of, minlength=self.batches)
+        self.batch_sizes += np.bincount((self.count + np.arange(len(log_w))) % b, minlength=b)
         self.count += len(log_w)
 
     def log_px(self):
