@@ -147,8 +147,7 @@ def importance_weighted(model, x, num_samples, batch_size=100, chunk_size=500, s
     ladder = k_ladder(num_samples)
     # XLA fuses the likelihood's element-wise steps, on the widest tensor of the step,
     # while the networks keep TensorFlow's own matmul kernels.
-    fused = model.likelihood.fused_log_prob
-    log_likelihood = None if fused is None else tf.function(fused, jit_compile=True)
+    log_likelihood = model.likelihood.fused_log_prob
 
     @tf.function(reduce_retracing=True)
     def draws(x_batch, y_batch, first, count, batch_index):
