@@ -189,8 +189,8 @@ def _check_resumed_config(saved, config, epochs_done):
     if changed:
         resumable = ", ".join(key for keys in RESUMABLE.values() for key in keys)
         raise ConfigError(
-            f"a resumed run keeps its saved config; only {resumable} may change (the "
-            f"patience lengthened only; got "
+            f"a resumed run keeps its saved config; only {resumable} may change "
+            f"(early_stopping_patience only lengthened; got "
             f"{'; '.join(changed)})"
         )
     # A longer patience (or none) would not have stopped the epochs trained under the

@@ -376,8 +376,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run"), "--latent-dim", "4"]) == 2
     assert (
         "only epochs, early_stopping_patience, lr_decay_epochs, lr_decay_factor, plots, "
-        "export_dir, export_name may change (the patience lengthened only; got latent_dim: "
-        "2 -> 4)"
+        "export_dir, export_name may change (early_stopping_patience only lengthened; got "
+        "latent_dim: 2 -> 4)"
     ) in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--config", "c.yaml"]) == 2
     assert "leave out --config" in capsys.readouterr().err
