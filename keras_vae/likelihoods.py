@@ -141,7 +141,7 @@ class BernoulliLikelihood(Likelihood):
         return bernoulli_log_prob(flat(params), flat(x))
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True)
 def bernoulli_log_prob(logits, x):
     """Σ_i x_i ℓ_i − relu ℓ_i − log(1 + e^−|ℓ_i|) over the last axis of logits [..., D]
     (x broadcast to them), with the last term summed as Σ_g log Π_{i∈g} (1 + e^−|ℓ_i|) over
