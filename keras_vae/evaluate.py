@@ -54,7 +54,6 @@ class _Accumulator:
     def __init__(self, n, num_samples):
         self.batches = min(SE_BATCHES, num_samples)
         self.lse_batch = np.full((n, self.batches), -np.inf)  # log Σ_{k in batch b} w_k
-        self.batch_sizes = np.zeros(self.batches, np.int64)
         self.sum_ll = np.zeros(n)  # Σ log p(x|z_k)
         self.sum_ll2 = np.zeros(n)  # Σ (log p(x|z_k))²
         self.sum_log_ratio = np.zeros(n)  # Σ log q(z_k|x) − log p(z_k)
@@ -76,7 +75,6 @@ class _Accumulator:
             self.sum_ll += log_px_z.sum(0)
             self.sum_ll2 += (log_px_z**2).sum(0)
             self.sum_log_ratio += (log_px_z - log_w).sum(0)
-        self.batch_sizes += np.bincount((self.count + np.arange(len(log_w))) % b, minlength=b)
         self.count += len(log_w)
 
     def log_px(self):
@@ -92,9 +90,11 @@ class _Accumulator:
         if b < 2:
             return np.full(len(self.lse_batch), np.nan)
         others = np.where(np.eye(b, dtype=bool), -np.inf, 0.0)
+        # Draws 0 … count − 1 fill the batches in turn: the first count mod B hold one more.
+        batch_sizes = self.count // b + (np.arange(b) < self.count % b)
         with np.errstate(invalid="ignore"):
             left_out = logsumexp(self.lse_batch[:, None, :] + others, axis=2) - np.log(
-                self.count - self.batch_sizes
+                self.count - batch_sizes
             )
             spread = np.sum((left_out - left_out.mean(1, keepdims=True)) ** 2, axis=1)
         return np.sqrt((b - 1) / b * spread)
