@@ -150,6 +150,13 @@ class NetworkConfig:
         check=lambda v: len(v) >= 1 and min(v) >= 1,
         requirement="have at least one width, each >= 1",
     )
+    pixel_head_units: int = setting(
+        0,
+        "pixelcnn_made: width of a per-pixel layer that mixes the masked convolutions' "
+        "features with a learned map of z (0: none; they enter the logits linearly)",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
     activation: str = setting("relu", "nonlinearity of the hidden layers (a Keras activation name)")
     dropout: float = setting(
         0.0,
@@ -174,6 +181,11 @@ class NetworkConfig:
                 "filters",
                 self.architecture != "pixelcnn_made" or len(set(self.filters)) == 1,
                 "must be equal widths (residual layers) for architecture 'pixelcnn_made'",
+            ),
+            (
+                "pixel_head_units",
+                self.architecture == "pixelcnn_made" or self.pixel_head_units == 0,
+                "applies only to architecture 'pixelcnn_made'",
             ),
         ]
 

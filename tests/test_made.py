@@ -16,6 +16,12 @@ from keras_vae.networks.pixelcnn_made import PixelCNNMADEDecoder
 from keras_vae.settings import ConfigError
 
 AUTOREGRESSIVE = ("made", "pixelcnn_made")
+# (architecture, settings) of each decoder variant, the PixelCNN with and without its head.
+VARIANTS = {
+    "made": ("made", {}),
+    "pixelcnn_made": ("pixelcnn_made", {}),
+    "pixelcnn_made_head": ("pixelcnn_made", {"pixel_head_units": 3}),
+}
 
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
 
@@ -40,9 +46,10 @@ def random_made(architecture="made", **kwargs):
     return model
 
 
-@pytest.fixture(scope="module", params=AUTOREGRESSIVE)
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def made(request):
-    return random_made(request.param)
+    architecture, settings = VARIANTS[request.param]
+    return random_made(architecture, **settings)
 
 
 def binary(rng, n):
@@ -67,14 +74,24 @@ def numpy_logits(decoder, z, x):
     direct = decoder.direct_kernel.numpy() * (inputs[None, :] > inputs[:, None])
     logits = h @ (kernels[-1] * out_mask) + x @ direct + z @ latent[-1] + biases[-1]
     if hasattr(decoder, "conv_kernels"):
-        logits = logits + numpy_pixel_logits(decoder, x.reshape((len(x),) + SHAPE[:2]))
+        features = numpy_pixel_features(decoder, x.reshape((len(x),) + SHAPE[:2]))
+        logits = logits + (features @ decoder.pixel_head.numpy()).reshape(len(x), -1)
+        if decoder.pixel_head_units:
+            z_map = z @ decoder.head_latent_kernel.numpy().astype("float64")
+            hidden = np.maximum(
+                features @ decoder.head_feature_kernel.numpy()
+                + z_map.reshape(features.shape[:3] + (-1,))
+                + decoder.head_bias.numpy(),
+                0.0,
+            )
+            logits = logits + (hidden @ decoder.head_output.numpy()).reshape(len(x), -1)
     return logits
 
 
-def numpy_pixel_logits(decoder, images):
-    """w_o · g_L(x) of the PixelCNN path, tap by tap: pixel (r, c) reads pixel (r', c') of
-    the layer below if (r', c') comes before it in raster order, or is (r, c) itself above
-    the first layer."""
+def numpy_pixel_features(decoder, images):
+    """g_L(x) of the PixelCNN path, tap by tap: pixel (r, c) reads pixel (r', c') of the
+    layer below if (r', c') comes before it in raster order, or is (r, c) itself above the
+    first layer."""
     height, width = images.shape[1:]
     features = images[..., None]
     for i, (kernel, bias) in enumerate(zip(decoder.conv_kernels, decoder.conv_biases)):
@@ -90,7 +107,7 @@ def numpy_pixel_logits(decoder, images):
                     total += features[:, rr, cc] @ kernel[dr + half, dc + half]
             out[:, r, c] = np.maximum(total + bias, 0.0)
         features = out if i == 0 else features + out
-    return (features @ decoder.pixel_head.numpy()).reshape(len(images), -1)
+    return features
 
 
 def test_logits_match_the_definition(made, rng):
@@ -201,10 +218,12 @@ def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
 
 
 @pytest.mark.parametrize(
-    "architecture, dropout", [("made", 0.0), ("made", 0.3), ("pixelcnn_made", 0.3)]
+    "variant, dropout",
+    [("made", 0.0), ("made", 0.3), ("pixelcnn_made", 0.3), ("pixelcnn_made_head", 0.0)],
 )
-def test_keras_file_round_trip(architecture, dropout, rng, tmp_path):
-    made = random_made(architecture, dropout=dropout)
+def test_keras_file_round_trip(variant, dropout, rng, tmp_path):
+    architecture, settings = VARIANTS[variant]
+    made = random_made(architecture, dropout=dropout, **settings)
     made.save(tmp_path / "made.keras")
     loaded = keras.saving.load_model(tmp_path / "made.keras")
     x, epsilon = binary(rng, 5), rng.normal(size=(3, 5, 3)).astype("float32")
@@ -238,7 +257,8 @@ def test_mixed_precision_trains_with_float32_logits(architecture, precision, rng
 @pytest.mark.parametrize("architecture", AUTOREGRESSIVE)
 def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
     """The decoder's bias gradients under a 16-bit policy match float32's, with the same
-    weights, to 16-bit rounding: each sums 50 × 64 rows, and the PixelCNN's 64 × 28 × 28,
+    weights, to 16-bit rounding: each sums 50 × 64 rows, the PixelCNN's 64 × 28 × 28 and its
+    head's 50 × 64 × 28 × 28,
     which float16's CPU Sum (the gradient of a plain ``+ bias``) got up to 63% wrong."""
     shape, latent_dim = (28, 28, 1), 4
     x = tf.constant(rng.random((64,) + shape) < 0.3, "float32")
@@ -250,7 +270,14 @@ def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
         ]
     else:
         decoders = [
-            PixelCNNMADEDecoder(shape, latent_dim, hidden_units=(32,), filters=(8, 8), dtype=dtype)
+            PixelCNNMADEDecoder(
+                shape,
+                latent_dim,
+                hidden_units=(32,),
+                filters=(8, 8),
+                pixel_head_units=4,
+                dtype=dtype,
+            )
             for dtype in ("float32", precision)
         ]
     gradients = []
@@ -264,7 +291,7 @@ def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
             loss = tf.reduce_sum(decoder(z, x)) / (50 * 64)
         biases = [w for w in decoder.trainable_weights if "bias" in w.name]
         gradients.append(dict(zip([w.name for w in biases], tape.gradient(loss, biases))))
-    assert len(gradients[0]) == (4 if architecture == "pixelcnn_made" else 2)
+    assert len(gradients[0]) == (5 if architecture == "pixelcnn_made" else 2)
     for name, want in gradients[0].items():
         got = gradients[1][name]
         assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want), name
@@ -313,6 +340,10 @@ def test_made_needs_binary_data_and_a_hidden_layer():
         run_config(architecture="pixelcnn_made", filters=(4, 4), likelihood="gaussian")
     with pytest.raises(ConfigError, match="'filters' must be equal widths"):
         run_config(architecture="pixelcnn_made", filters=(32, 64))
+    with pytest.raises(
+        ConfigError, match="'pixel_head_units' applies only to architecture 'pixelcnn_made'"
+    ):
+        run_config(architecture="made", pixel_head_units=4)
 
 
 def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():

@@ -38,6 +38,14 @@ class PixelCNNMADEDecoder(MADEDecoder):
     the samples of z in one call, not once per sample. ``filters`` are the widths of
     g_0..g_L (equal, for the residual sum); w_o starts at zero, so the model begins as the
     MADE alone.
+
+    With ``pixel_head_units`` u > 0, z also meets the convolutions' features at each pixel:
+
+        ℓ += v · relu(U g_L(x)_d + (W z)_d + b),
+
+    W z ∈ R^{H×W×u} a learned map of z (one u-vector per pixel), U ∈ R^{f×u}; U g_L(x) is
+    computed once per example and only W z and the u-wide product once per sample. v
+    starts at zero; the head's units are not dropped out.
     """
 
     def __init__(
@@ -49,10 +57,12 @@ class PixelCNNMADEDecoder(MADEDecoder):
         dropout=0.0,
         seed=None,
         filters=(32, 32, 32, 32, 32),
+        pixel_head_units=0,
         **kwargs,
     ):
         super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed, **kwargs)
         self.filters = tuple(int(n) for n in filters)
+        self.pixel_head_units = int(pixel_head_units)
         if len(self.data_shape) != 3 or self.data_shape[-1] != 1:
             raise ValueError(
                 f"Architecture 'pixelcnn_made' models single-channel images of shape "
@@ -81,6 +91,17 @@ class PixelCNNMADEDecoder(MADEDecoder):
                 self.add_weight((width,), initializer="zeros", name=f"conv_bias_{i}")
             )
         self.pixel_head = self.add_weight((width, 1), initializer="zeros", name="pixel_head")
+        units = self.pixel_head_units
+        if units:
+            height, columns, _ = self.data_shape
+            self.head_latent_kernel = self.add_weight(
+                (self.latent_dim, height * columns * units), name="head_latent_kernel"
+            )
+            self.head_feature_kernel = self.add_weight(
+                (width, units), initializer="he_normal", name="head_feature_kernel"
+            )
+            self.head_bias = self.add_weight((units,), initializer="zeros", name="head_bias")
+            self.head_output = self.add_weight((units, 1), initializer="zeros", name="head_output")
 
     def call(self, z, x, training=False):
         logits = super().call(z, x, training)
@@ -103,10 +124,25 @@ class PixelCNNMADEDecoder(MADEDecoder):
             features = update if i == 0 else features + update
         pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
         # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
-        return logits + pixel_logits
+        logits = logits + pixel_logits
+        if self.pixel_head_units:
+            logits = logits + self._head_logits(z, features)
+        return logits
+
+    def _head_logits(self, z, features):
+        """v · relu(U g_L(x)_d + (W z)_d + b) for every pixel d: [..., n, H, W, 1]."""
+        mixed = add_bias(ops.matmul(features, self.head_feature_kernel), self.head_bias)
+        z_map = ops.matmul(ops.cast(z, self.compute_dtype), self.head_latent_kernel)
+        shape = tuple(ops.shape(z)[:-1]) + self.data_shape[:2] + (self.pixel_head_units,)
+        hidden = ops.relu(mixed + ops.reshape(z_map, shape))
+        return ops.cast(ops.matmul(hidden, self.head_output), "float32")
 
     def get_config(self):
-        return {**super().get_config(), "filters": list(self.filters)}
+        return {
+            **super().get_config(),
+            "filters": list(self.filters),
+            "pixel_head_units": self.pixel_head_units,
+        }
 
 
 def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=None):
@@ -119,6 +155,7 @@ def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=No
         config.dropout,
         seed,
         config.filters,
+        config.pixel_head_units,
         dtype=dtype,
         name="decoder_network",
     )
