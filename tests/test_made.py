@@ -258,8 +258,8 @@ def test_mixed_precision_trains_with_float32_logits(architecture, precision, rng
 def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
     """The decoder's bias gradients under a 16-bit policy match float32's, with the same
     weights, to 16-bit rounding: each sums 50 × 64 rows, the PixelCNN's 64 × 28 × 28 and its
-    head's 50 × 64 × 28 × 28,
-    which float16's CPU Sum (the gradient of a plain ``+ bias``) got up to 63% wrong."""
+    head's 50 × 64 × 28 × 28, which float16's CPU Sum (the gradient of a plain ``+ bias``)
+    got up to 63% wrong."""
     shape, latent_dim = (28, 28, 1), 4
     x = tf.constant(rng.random((64,) + shape) < 0.3, "float32")
     z = tf.constant(rng.normal(size=(50, 64, latent_dim)), "float32")
