@@ -2,21 +2,10 @@
 measured float32 matmul peak."""
 
 import os
-import platform
 import time
 from importlib import metadata
 
-
-def cpu_model():
-    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from keras_vae.hardware import cpu_model
 
 
 def describe():

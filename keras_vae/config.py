@@ -194,7 +194,7 @@ class TrainingConfig:
     precision: str = setting(
         "float32",
         "dtype policy of the networks: mixed_float16 (GPUs), "
-        "mixed_bfloat16 (GPUs, CPUs with AVX512_BF16)",
+        "mixed_bfloat16 (GPUs, CPUs with AVX512_BF16, AMX-BF16 or Arm BF16)",
         choices=("float32", "mixed_float16", "mixed_bfloat16"),
     )
     jit_compile: bool = setting(False, "XLA-compile the train step")

@@ -347,7 +347,11 @@ def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
     which TensorFlow's BiasAddGrad, summing in bfloat16, would get 90% or more wrong in
     bfloat16, and its Sum would in float16. Linear, so that every tensor differs from float32
     by 16-bit rounding alone (0.5% or less here): with a relu, units near 0 switch, and each
-    switch moves ∂loss/∂x by a whole kernel weight (2.0% in bf16 on an AVX2 CPU)."""
+    switch moves ∂loss/∂x by a whole kernel weight (2.0% in bf16 on an AVX2 CPU). On a CPU
+    without bfloat16 instructions, TensorFlow's emulated convolution sums its kernel gradient
+    in bfloat16 (30% wrong on one thread), which is why ``keras-vae train`` refuses that
+    precision there; its outputs, ∂loss/∂x and the bias gradient are still checked."""
+    from keras_vae import hardware
     from keras_vae.networks import layers as networks
 
     ours = getattr(networks, name)(activation="linear", dtype=dtype, **kwargs)
@@ -365,6 +369,14 @@ def test_bias_gradient_is_accurate_in_16_bits(name, kwargs, input_shape, dtype):
             y = tf.cast(layer(x), "float32")
             loss = tf.reduce_sum(y)  # ∂loss/∂bias = the number of output positions
         results.append([y, *tape.gradient(loss, [x, layer.kernel, layer.bias])])
+    emulated = (
+        dtype == "mixed_bfloat16"
+        and name == "Conv2DTranspose"
+        and not tf.config.list_physical_devices("GPU")
+        and hardware.lacks_bfloat16()
+    )
     tolerance = 1e-5 if dtype == "float32" else 1e-2  # relative error of the whole tensor
-    for got, want in zip(*results):
+    for index, (got, want) in enumerate(zip(*results)):
+        if emulated and index == 2:  # the kernel gradient
+            continue
         assert np.linalg.norm(got - want) <= tolerance * np.linalg.norm(want)
