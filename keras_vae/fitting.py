@@ -168,11 +168,7 @@ def check_precision(precision):
     """mixed_bfloat16 needs a GPU or a CPU with bfloat16 instructions: elsewhere TensorFlow
     emulates it, slower than float32, and sums convolutions' kernel gradients in bfloat16,
     about 30% wrong over a batch."""
-    if (
-        precision == "mixed_bfloat16"
-        and not tf.config.list_physical_devices("GPU")
-        and hardware.lacks_bfloat16()
-    ):
+    if precision == "mixed_bfloat16" and hardware.emulates_bfloat16():
         raise ConfigError(
             f"config key 'precision' mixed_bfloat16 needs a GPU or a CPU with bfloat16 "
             f"instructions (AVX512_BF16, AMX-BF16 or Arm BF16), and this CPU "

@@ -36,8 +36,15 @@ def cpu_model(path=None):
 
 
 def lacks_bfloat16(path=None):
-    """True where the CPU's flags are known and have no bfloat16 instructions: TensorFlow then
-    runs bfloat16 in software, slower than float32 and with convolutions' kernel gradients
-    summed in bfloat16 (docs/training.md#several-devices-hosts-precisions)."""
+    """True where the CPU's flags are known and have no bfloat16 instructions."""
     flags = cpu_info(path)[1]
     return flags is not None and not flags & BFLOAT16_FLAGS
+
+
+def emulates_bfloat16():
+    """True where no GPU is visible and the CPU lacks bfloat16 instructions: TensorFlow then
+    runs bfloat16 in software, slower than float32 and with convolutions' kernel gradients
+    summed in bfloat16 (docs/training.md#several-devices-hosts-precisions)."""
+    import tensorflow as tf  # here, so that naming the CPU needs no TensorFlow
+
+    return not tf.config.list_physical_devices("GPU") and lacks_bfloat16()
