@@ -345,11 +345,11 @@ class RunConfig:
 
 def flag_table():
     """{flag name: (section, field)} for every setting; the flag is the field's name with
-    dashes (or its ``flag`` metadata)."""
+    dashes."""
     table = {}
     for name, cls in SECTIONS.items():
         for field in dataclasses.fields(cls):
-            flag = field.metadata.get("flag") or field.name.replace("_", "-")
+            flag = field.name.replace("_", "-")
             if flag in table:
                 raise RuntimeError(f"two settings share the flag --{flag}")
             table[flag] = (name, field)

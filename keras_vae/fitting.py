@@ -165,9 +165,9 @@ def check_steps_per_execution(steps_per_execution, steps):
 
 
 def check_precision(precision):
-    """mixed_bfloat16 needs a GPU or a CPU with bfloat16 instructions: elsewhere TensorFlow
-    emulates it, slower than float32, and sums convolutions' kernel gradients in bfloat16,
-    about 30% wrong over a batch."""
+    """Refuses mixed_bfloat16 where no GPU is visible and the CPU has no bfloat16
+    instructions: there TensorFlow emulates it, slower than float32, and sums convolutions'
+    kernel gradients in bfloat16 (docs/benchmarks.md)."""
     if precision == "mixed_bfloat16" and hardware.emulates_bfloat16():
         raise ConfigError(
             f"config key 'precision' mixed_bfloat16 needs a GPU or a CPU with bfloat16 "

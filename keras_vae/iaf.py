@@ -101,8 +101,8 @@ class AutoregressiveStep(keras.layers.Layer):
         if config.pop("update", None) != "gated":
             # Same weights, another meaning: loading them would silently give another q.
             raise ValueError(
-                "this IAF step was saved by an earlier keras-vae, whose steps were "
-                "z' = (z − shift) ⊙ exp(−log_scale); today's are gated: retrain the model"
+                "this IAF step's config lacks update='gated': its weights belong to "
+                "z' = (z − shift) ⊙ exp(−log_scale), not to this gated step; retrain the model"
             )
         return cls(**config)
 

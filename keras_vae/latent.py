@@ -185,7 +185,8 @@ def latent_report(model, x, batch_size=100, seed=0, y=None, x_train=None, y_trai
         if model.latent_layers
         else None,
         "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
-        # A flow's density at other examples' z would invert it for each: not estimated.
+        # Where q is not a function of its parameters alone (a flow, a hierarchy), its density
+        # at other examples' z would need a pass per pair: not estimated.
         "mutual_information": (
             mutual_information(model, params, seed) if model.posterior.params_complete else None
         ),

@@ -26,7 +26,7 @@ from keras_vae.settings import validate
 tfd = tfp.distributions
 
 # Elements per log in ``bernoulli_log_prob``: fewer logs is faster, and
-# each product stays below 2^16, far inside float32's range.
+# each product is at most 2^16, far inside float32's range.
 LOG_GROUP = 16
 
 
@@ -65,11 +65,10 @@ class Likelihood(keras.layers.Layer):
         return f"the {self.name} likelihood needs data in [{low}, {high}]"
 
     def check_support(self, x):
-        """Assertions (in graph or eager mode) that every x is a value p(x|z) can take.
-
-        Each condition is reduced to one scalar before it is asserted: these checks run on
-        every training batch, and reductions cost half as much as elementwise assertions.
-        """
+        """Assertions (in graph or eager mode) that every x is a value p(x|z) can take,
+        each condition reduced to one scalar before it is asserted."""
+        # Scalar assertions: these checks run on every training batch, and a reduction is
+        # cheaper than an element-wise assertion.
         # x·0 is NaN exactly where x is NaN or ±inf, and a sum of zeros cannot overflow.
         all_finite = tf.math.is_finite(tf.reduce_sum(x * ops.cast(0, x.dtype)))
         checks = [_assert(all_finite, "keras_vae: the data contains NaN or inf")]

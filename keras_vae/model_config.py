@@ -130,7 +130,7 @@ class NetworkConfig:
 
     architecture: str = setting(
         "mlp",
-        "encoder/decoder family: mlp, gated_mlp (gated layers, a(Wx) ⊙ sigmoid(Vx)), "
+        "encoder/decoder family: mlp, gated_mlp (gated layers, a(Wx + b) ⊙ sigmoid(Vx + c)), "
         "conv (strided 3×3 convolutions), made (an "
         "autoregressive MADE decoder, binary data), pixelcnn_made (MADE + masked "
         "convolutions, single-channel images)",

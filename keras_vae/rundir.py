@@ -98,8 +98,9 @@ def load_checkpoint(path):
 
 
 def checkpoint_state(path):
-    """``{"epochs_completed", "best_val_elbo", "best_epoch"}`` stored in a checkpoint by
-    AtomicCheckpoint (``best_epoch``: epochs completed when ``best_val_elbo`` was reached)."""
+    """``{"epochs_completed", "best_val_elbo", "best_epoch", "model"}`` stored in a
+    checkpoint by AtomicCheckpoint (``best_epoch``: epochs completed when ``best_val_elbo``
+    was reached; ``model``: the run config's model section)."""
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a keras-vae checkpoint: not a zip archive")
     with zipfile.ZipFile(path) as archive:

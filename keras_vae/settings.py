@@ -18,20 +18,19 @@ class ConfigError(ValueError):
     """A setting that is unknown or invalid; the message names the key."""
 
 
-def setting(default, help, choices=None, check=None, requirement=None, flag=None):
+def setting(default, help, choices=None, check=None, requirement=None):
     """A dataclass field with its documentation and validation.
 
     ``choices``: the allowed values (a tuple, or a function returning one, so that a
     registry can be read when the check runs); ``check``: a predicate on the value, with
-    ``requirement`` the phrase that completes "must ..." in its error; ``flag``: the
-    command-line name when it is not the field's name.
+    ``requirement`` the phrase that completes "must ..." in its error. Its command-line flag
+    is its name with dashes.
     """
     metadata = {
         "help": help,
         "choices": choices,
         "check": check,
         "requirement": requirement,
-        "flag": flag,
     }
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting defaults must be immutable (use a tuple)")

@@ -171,12 +171,12 @@ def trained_looking_iaf(rng, latent_dim=2, scale=0.4):
     return posterior, params
 
 
-def test_an_iaf_step_saved_before_the_gated_form_is_refused():
+def test_an_iaf_step_without_the_gated_marker_is_refused():
     step = AutoregressiveStep((8,), seed=0)
     config = step.get_config()
     assert AutoregressiveStep.from_config(config).get_config() == config
     del config["update"]
-    with pytest.raises(ValueError, match="saved by an earlier keras-vae"):
+    with pytest.raises(ValueError, match="lacks update='gated'"):
         AutoregressiveStep.from_config(config)
 
 
