@@ -379,8 +379,9 @@ class VAE(keras.Model):
         ``by_layer``, a fifth tensor: log q(z_l,k|·) − log p(z_l,k|·) for each stochastic
         layer, [L, K, batch], which sums over l to log q_φ(z_k|x) − log p(z_k) (None for a
         model without ``latent_layers``). ``log_likelihood(params, x)`` computes
-        log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (the
-        evaluation passes the XLA-compiled ``likelihood.fused_log_prob`` where there is one).
+        log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (training
+        and the evaluation pass the XLA-compiled ``likelihood.fused_log_prob`` where there is
+        one).
         """
         draws = self._draws(
             x, y, num_samples, training, seed, epsilon, densities, log_likelihood=log_likelihood
@@ -477,7 +478,8 @@ class VAE(keras.Model):
     def compute_terms(self, x, training=False, beta=None, seed=None, y=None):
         """Per-example (shape [batch]) ``loss``, ``reconstruction_loss``, ``kl_loss``, ``elbo``
         and, for L latent layers, ``kl_1`` … ``kl_L`` (summing to ``kl_loss``), with the
-        model's K samples, KL estimator, objective, free bits and β (default: current β).
+        model's K samples, KL estimator, objective, free bits and β (default: current β);
+        log p_θ(x|z) by the likelihood's ``fused_log_prob`` where it has one.
         ``kl_loss`` and ``elbo`` are the true ones, free bits or not.
 
         With ``gradient_estimator="dreg"`` and ``training``, log q_φ(z|x) in ``loss`` is
@@ -495,6 +497,7 @@ class VAE(keras.Model):
             seed,
             densities=not self.analytic_kl or config.objective == "iwae",
             stop_posterior=dreg,
+            log_likelihood=self.likelihood.fused_log_prob,
         )
         log_px_z = draws["log_px_z"]
         reconstruction_loss = -ops.mean(log_px_z, axis=0)

@@ -141,6 +141,40 @@ def test_bernoulli_fused_log_prob_is_the_summed_log_likelihood(rng, in_graph, dt
     np.testing.assert_allclose(fused, likelihood.log_prob(logits, x).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, dtype):
+    # x [3, ...] broadcast to logits [4, 3, ...]: ∂/∂x sums over the 4 draws.
+    likelihood = BernoulliLikelihood()
+    likelihood.build((5, 7, 1))
+    logits = tf.cast(rng.normal(scale=6.0, size=(4, 3, 5, 7, 1)), dtype)
+    x = tf.constant(rng.uniform(size=(3, 5, 7, 1)).astype("float32"))
+    weights = tf.constant(rng.normal(size=(4, 3)).astype("float32"))
+
+    def gradients(log_prob):
+        with tf.GradientTape() as tape:
+            tape.watch([logits, x])
+            total = tf.reduce_sum(weights * log_prob(logits, x))
+        return tape.gradient(total, [logits, x])
+
+    fused, reference = gradients(likelihood.fused_log_prob), gradients(likelihood.log_prob)
+    ell = np.float64(tf.cast(logits, "float32").numpy())
+    w = np.float64(weights.numpy())[..., None, None, None]
+    expected_logits = w * (x.numpy() - 1 / (1 + np.exp(-ell)))  # x − sigmoid ℓ
+    expected_x = np.sum(w * ell, axis=0)
+    assert fused[0].dtype == logits.dtype and fused[1].shape == x.shape
+    tolerance = 1e-6 if dtype == "float32" else 1e-2
+    for got, want in [(fused[0], expected_logits), (fused[1], expected_x)]:
+        got = tf.cast(got, "float32").numpy()
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+    for got, want in zip(fused, reference):
+        np.testing.assert_allclose(
+            tf.cast(got, "float32").numpy(),
+            tf.cast(want, "float32").numpy(),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+
+
 @pytest.mark.parametrize("learn_sigma", ["none", "shared", "per_pixel"])
 def test_gaussian_neg_log_prob_matches_formula(rng, learn_sigma):
     shape = (3, 2)
