@@ -157,6 +157,13 @@ class NetworkConfig:
         check=lambda v: v >= 0,
         requirement="be >= 0",
     )
+    pixel_head_layers: int = setting(
+        0,
+        "pixelcnn_made: masked 3×3 residual convolutions of the pixel head's units, run for "
+        "each sample of z (needs pixel_head_units)",
+        check=lambda v: v >= 0,
+        requirement="be >= 0",
+    )
     activation: str = setting("relu", "nonlinearity of the hidden layers (a Keras activation name)")
     dropout: float = setting(
         0.0,
@@ -186,6 +193,11 @@ class NetworkConfig:
                 "pixel_head_units",
                 self.architecture == "pixelcnn_made" or self.pixel_head_units == 0,
                 "applies only to architecture 'pixelcnn_made'",
+            ),
+            (
+                "pixel_head_layers",
+                self.pixel_head_layers == 0 or self.pixel_head_units > 0,
+                "needs a pixel head (pixel_head_units > 0)",
             ),
         ]
 

@@ -21,6 +21,7 @@ VARIANTS = {
     "made": ("made", {}),
     "pixelcnn_made": ("pixelcnn_made", {}),
     "pixelcnn_made_head": ("pixelcnn_made", {"pixel_head_units": 3}),
+    "pixelcnn_made_head_conv": ("pixelcnn_made", {"pixel_head_units": 3, "pixel_head_layers": 2}),
 }
 
 SHAPE = (4, 4, 1)  # D = 16: small enough to sum p(x|z) over all 2^16 binary images
@@ -84,28 +85,36 @@ def numpy_logits(decoder, z, x):
                 + decoder.head_bias.numpy(),
                 0.0,
             )
+            for kernel, bias in zip(decoder.head_conv_kernels, decoder.head_conv_biases):
+                hidden = hidden + numpy_masked_conv_relu(hidden, kernel, bias, True)
             logits = logits + (hidden @ decoder.head_output.numpy()).reshape(len(x), -1)
     return logits
 
 
+def numpy_masked_conv_relu(features, kernel, bias, include_center):
+    """relu(M ⋆ features + bias), tap by tap: pixel (r, c) reads pixel (r', c') of the
+    features if (r', c') comes before it in raster order, or is (r, c) itself where
+    ``include_center``."""
+    kernel, bias = kernel.numpy().astype("float64"), bias.numpy().astype("float64")
+    height, width = features.shape[1:3]
+    half = kernel.shape[0] // 2
+    out = np.zeros(features.shape[:3] + (kernel.shape[-1],))
+    for r, c in itertools.product(range(height), range(width)):
+        total = np.zeros((len(features), kernel.shape[-1]))
+        for dr, dc in itertools.product(range(-half, half + 1), repeat=2):
+            rr, cc = r + dr, c + dc
+            before = rr * width + cc < r * width + c or (include_center and (rr, cc) == (r, c))
+            if 0 <= rr < height and 0 <= cc < width and before:
+                total += features[:, rr, cc] @ kernel[dr + half, dc + half]
+        out[:, r, c] = np.maximum(total + bias, 0.0)
+    return out
+
+
 def numpy_pixel_features(decoder, images):
-    """g_L(x) of the PixelCNN path, tap by tap: pixel (r, c) reads pixel (r', c') of the
-    layer below if (r', c') comes before it in raster order, or is (r, c) itself above the
-    first layer."""
-    height, width = images.shape[1:]
+    """g_L(x) of the PixelCNN path: a type-A masked layer, then type-B residual ones."""
     features = images[..., None]
     for i, (kernel, bias) in enumerate(zip(decoder.conv_kernels, decoder.conv_biases)):
-        kernel, bias = kernel.numpy().astype("float64"), bias.numpy().astype("float64")
-        half = kernel.shape[0] // 2
-        out = np.zeros(features.shape[:3] + (kernel.shape[-1],))
-        for r, c in itertools.product(range(height), range(width)):
-            total = np.zeros((len(images), kernel.shape[-1]))
-            for dr, dc in itertools.product(range(-half, half + 1), repeat=2):
-                rr, cc = r + dr, c + dc
-                before = rr * width + cc < r * width + c or (i > 0 and (rr, cc) == (r, c))
-                if 0 <= rr < height and 0 <= cc < width and before:
-                    total += features[:, rr, cc] @ kernel[dr + half, dc + half]
-            out[:, r, c] = np.maximum(total + bias, 0.0)
+        out = numpy_masked_conv_relu(features, kernel, bias, include_center=i > 0)
         features = out if i == 0 else features + out
     return features
 
@@ -353,6 +362,10 @@ def test_pixelcnn_made_needs_single_channel_images_and_equal_widths():
         make_vae(SHAPE, architecture="pixelcnn_made", filters=(4, 8))
     with pytest.raises(ValueError, match=r"equal convolution widths .*got filters=\(4, 8\)"):
         PixelCNNMADEDecoder(SHAPE, 3, filters=(4, 8))
+    with pytest.raises(ConfigError, match="'pixel_head_layers' needs a pixel head"):
+        run_config(architecture="pixelcnn_made", filters=(4, 4), pixel_head_layers=1)
+    with pytest.raises(ValueError, match="pixel_head_layers=1 needs a pixel head"):
+        PixelCNNMADEDecoder(SHAPE, 3, filters=(4, 4), pixel_head_layers=1)
 
 
 def test_traversals_of_an_autoregressive_decoder_share_one_noise(tmp_path, monkeypatch):

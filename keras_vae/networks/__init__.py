@@ -19,9 +19,10 @@ def build(
 ):
     """``(encoder, decoder)`` of the named family for data of ``data_shape`` and a latent of
     size ``latent_dim``; ``settings`` are ``NetworkConfig``'s (hidden_units, filters,
-    activation, dropout, pixel_head_units). The layers compute in the dtype policy ``dtype`` (default: the
-    global one), but a decoder's output layer computes in float32 when the likelihood (a
-    registered name or a likelihood layer) needs float32 parameters; ``seed`` seeds dropout.
+    activation, dropout, pixel_head_units, pixel_head_layers). The layers compute in the
+    dtype policy ``dtype`` (default: the global one), but a decoder's output layer computes
+    in float32 when the likelihood (a registered name or a likelihood layer) needs float32
+    parameters; ``seed`` seeds dropout.
     """
     config = validate(NetworkConfig(architecture=architecture, **settings))
     if isinstance(likelihood, str):

@@ -22,6 +22,20 @@ def pixelcnn_mask(shape, include_center):
     return mask
 
 
+def masked_conv_relu(features, kernel, bias, include_center):
+    """relu(M ⋆ features + bias) at every pixel, "same" size, M the k×k ``kernel`` masked by
+    ``pixelcnn_mask``: pixel d reads the features of the pixels before d (and of d itself if
+    ``include_center``)."""
+    # The rows of a k×k kernel below its centre are all masked: convolving with its top
+    # c + 1 rows over the features padded by c above (c = k // 2) and none below gives the
+    # same "same"-padded result for (c + 1)/k of the multiplies.
+    c = kernel.shape[0] // 2
+    mask = pixelcnn_mask(tuple(kernel.shape), include_center)[: c + 1]
+    padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
+    masked = kernel[: c + 1] * ops.cast(mask, kernel.dtype)
+    return ops.relu(add_bias(ops.conv(padded, masked, padding="valid"), bias))
+
+
 @keras.saving.register_keras_serializable(package="keras_vae")
 class PixelCNNMADEDecoder(MADEDecoder):
     """A ``MADEDecoder`` whose logits also read masked convolutions of the image (a
@@ -44,8 +58,11 @@ class PixelCNNMADEDecoder(MADEDecoder):
         ℓ += v · relu(U g_L(x)_d + (W z)_d + b),
 
     W z ∈ R^{H×W×u} a learned map of z (one u-vector per pixel), U ∈ R^{f×u}; U g_L(x) is
-    computed once per example and only W z and the u-wide product once per sample. v
-    starts at zero; the head's units are not dropped out.
+    computed once per example and only W z and the u-wide product once per sample. With
+    ``pixel_head_layers`` m > 0, the head's units h_0 = relu(U g_L(x)_d + (W z)_d + b) pass
+    through m masked 3×3 residual layers, h_j = h_{j−1} + relu(M_j ⋆ h_{j−1} + b_j) (type B
+    masks, so h_j at d still reads x_<d only), and ℓ += v · h_m; these run once per sample
+    of z. v starts at zero; the head's units are not dropped out.
     """
 
     def __init__(
@@ -58,11 +75,18 @@ class PixelCNNMADEDecoder(MADEDecoder):
         seed=None,
         filters=(32, 32, 32, 32, 32),
         pixel_head_units=0,
+        pixel_head_layers=0,
         **kwargs,
     ):
         super().__init__(data_shape, latent_dim, hidden_units, activation, dropout, seed, **kwargs)
         self.filters = tuple(int(n) for n in filters)
         self.pixel_head_units = int(pixel_head_units)
+        self.pixel_head_layers = int(pixel_head_layers)
+        if self.pixel_head_layers and not self.pixel_head_units:
+            raise ValueError(
+                f"pixel_head_layers={self.pixel_head_layers} needs a pixel head: set "
+                f"pixel_head_units > 0."
+            )
         if len(self.data_shape) != 3 or self.data_shape[-1] != 1:
             raise ValueError(
                 f"Architecture 'pixelcnn_made' models single-channel images of shape "
@@ -102,25 +126,22 @@ class PixelCNNMADEDecoder(MADEDecoder):
             )
             self.head_bias = self.add_weight((units,), initializer="zeros", name="head_bias")
             self.head_output = self.add_weight((units, 1), initializer="zeros", name="head_output")
+        self.head_conv_kernels = [
+            self.add_weight(
+                (3, 3, units, units), initializer="he_normal", name=f"head_conv_kernel_{j}"
+            )
+            for j in range(self.pixel_head_layers)
+        ]
+        self.head_conv_biases = [
+            self.add_weight((units,), initializer="zeros", name=f"head_conv_bias_{j}")
+            for j in range(self.pixel_head_layers)
+        ]
 
     def call(self, z, x, training=False):
         logits = super().call(z, x, training)
         features = ops.cast(ops.reshape(x, (-1,) + self.data_shape), self.compute_dtype)
         for i, (kernel, bias) in enumerate(zip(self.conv_kernels, self.conv_biases)):
-            # The rows of a k×k kernel below its centre are all masked: convolving with
-            # its top c + 1 rows over x padded by c above (c = k // 2) and none below
-            # gives the same "same"-padded result for (c + 1)/k of the multiplies.
-            c = kernel.shape[0] // 2
-            mask = pixelcnn_mask(tuple(kernel.shape), include_center=i > 0)[: c + 1]
-            padded = ops.pad(features, ((0, 0), (c, 0), (c, c), (0, 0)))
-            update = ops.relu(
-                add_bias(
-                    ops.conv(
-                        padded, kernel[: c + 1] * ops.cast(mask, kernel.dtype), padding="valid"
-                    ),
-                    bias,
-                )
-            )
+            update = masked_conv_relu(features, kernel, bias, include_center=i > 0)
             features = update if i == 0 else features + update
         pixel_logits = ops.cast(ops.matmul(features, self.pixel_head), "float32")
         # [n, H, W, 1]; broadcasts over z's leading (sample) axes.
@@ -135,6 +156,12 @@ class PixelCNNMADEDecoder(MADEDecoder):
         z_map = ops.matmul(ops.cast(z, self.compute_dtype), self.head_latent_kernel)
         shape = tuple(ops.shape(z)[:-1]) + self.data_shape[:2] + (self.pixel_head_units,)
         hidden = ops.relu(mixed + ops.reshape(z_map, shape))
+        if self.pixel_head_layers:
+            # The convolutions take [samples × n, H, W, u].
+            hidden = ops.reshape(hidden, (-1,) + shape[-3:])
+            for kernel, bias in zip(self.head_conv_kernels, self.head_conv_biases):
+                hidden = hidden + masked_conv_relu(hidden, kernel, bias, include_center=True)
+            hidden = ops.reshape(hidden, shape)
         return ops.cast(ops.matmul(hidden, self.head_output), "float32")
 
     def get_config(self):
@@ -142,6 +169,7 @@ class PixelCNNMADEDecoder(MADEDecoder):
             **super().get_config(),
             "filters": list(self.filters),
             "pixel_head_units": self.pixel_head_units,
+            "pixel_head_layers": self.pixel_head_layers,
         }
 
 
@@ -156,6 +184,7 @@ def build(data_shape, latent_dim, config, dtype=None, output_dtype=None, seed=No
         seed,
         config.filters,
         config.pixel_head_units,
+        config.pixel_head_layers,
         dtype=dtype,
         name="decoder_network",
     )
