@@ -103,9 +103,10 @@ class LogitBernoulli(tfd.Bernoulli):
 
     TFP computes −(1 − x)·softplus(ℓ) − x·softplus(−ℓ), the same value for every x since
     softplus(ℓ) − softplus(−ℓ) = ℓ, with two softplus evaluations and two ``multiply_no_nan``
-    so that ℓ = ±inf also works. A network's logits are finite, and the likelihood is the
-    widest tensor of the step (K × batch × pixels under IWAE), so one softplus instead of
-    two pays (benchmarks/likelihood_speed.py).
+    so that ℓ = ±inf also works. A network's logits are finite, and where this distribution
+    scores x (``score``, the exports, a user's own loop; training and the evaluation use
+    ``bernoulli_log_prob``) they are its widest tensor, K × batch × pixels, so one softplus
+    instead of two pays (benchmarks/likelihood_speed.py).
     """
 
     def _log_prob(self, event):
@@ -148,8 +149,7 @@ def bernoulli_log_prob(logits, x):
     value = fused_bernoulli_log_prob(logits, x)
 
     def gradient(upstream):
-        # XLA's derivative of the grouped logs runs several times slower than these
-        # three element-wise ops (docs/benchmarks.md).
+        # XLA's own derivative of the grouped logs is slower (docs/benchmarks.md).
         ell = tf.cast(logits, tf.float32)
         upstream = upstream[..., None]
         d_logits = upstream * (tf.cast(x, tf.float32) - tf.sigmoid(ell))

@@ -379,9 +379,9 @@ class VAE(keras.Model):
         ``by_layer``, a fifth tensor: log q(z_l,k|·) − log p(z_l,k|·) for each stochastic
         layer, [L, K, batch], which sums over l to log q_φ(z_k|x) − log p(z_k) (None for a
         model without ``latent_layers``). ``log_likelihood(params, x)`` computes
-        log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (training
-        and the evaluation pass the XLA-compiled ``likelihood.fused_log_prob`` where there is
-        one).
+        log p_θ(x|z_k) from the decoder's output in place of ``likelihood.log_prob`` (the
+        evaluation passes ``likelihood.fused_log_prob`` where there is one; ``compute_terms``
+        uses it too).
         """
         draws = self._draws(
             x, y, num_samples, training, seed, epsilon, densities, log_likelihood=log_likelihood

@@ -228,7 +228,13 @@ def test_log_weights_are_the_bernoulli_log_likelihood_of_the_logits(made, rng):
 
 @pytest.mark.parametrize(
     "variant, dropout",
-    [("made", 0.0), ("made", 0.3), ("pixelcnn_made", 0.3), ("pixelcnn_made_head", 0.0)],
+    [
+        ("made", 0.0),
+        ("made", 0.3),
+        ("pixelcnn_made", 0.3),
+        ("pixelcnn_made_head", 0.0),
+        ("pixelcnn_made_head_conv", 0.0),
+    ],
 )
 def test_keras_file_round_trip(variant, dropout, rng, tmp_path):
     architecture, settings = VARIANTS[variant]
@@ -267,7 +273,7 @@ def test_mixed_precision_trains_with_float32_logits(architecture, precision, rng
 def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
     """The decoder's bias gradients under a 16-bit policy match float32's, with the same
     weights, to 16-bit rounding: each sums 50 × 64 rows, the PixelCNN's 64 × 28 × 28 and its
-    head's 50 × 64 × 28 × 28, which float16's CPU Sum (the gradient of a plain ``+ bias``)
+    head's (and head layer's) 50 × 64 × 28 × 28, which float16's CPU Sum (the gradient of a plain ``+ bias``)
     got up to 63% wrong."""
     shape, latent_dim = (28, 28, 1), 4
     x = tf.constant(rng.random((64,) + shape) < 0.3, "float32")
@@ -285,6 +291,7 @@ def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
                 hidden_units=(32,),
                 filters=(8, 8),
                 pixel_head_units=4,
+                pixel_head_layers=1,
                 dtype=dtype,
             )
             for dtype in ("float32", precision)
@@ -300,7 +307,7 @@ def test_bias_gradients_are_accurate_in_16_bits(architecture, precision, rng):
             loss = tf.reduce_sum(decoder(z, x)) / (50 * 64)
         biases = [w for w in decoder.trainable_weights if "bias" in w.name]
         gradients.append(dict(zip([w.name for w in biases], tape.gradient(loss, biases))))
-    assert len(gradients[0]) == (5 if architecture == "pixelcnn_made" else 2)
+    assert len(gradients[0]) == (6 if architecture == "pixelcnn_made" else 2)
     for name, want in gradients[0].items():
         got = gradients[1][name]
         assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want), name

@@ -141,8 +141,9 @@ def test_bernoulli_fused_log_prob_is_the_summed_log_likelihood(rng, in_graph, dt
     np.testing.assert_allclose(fused, likelihood.log_prob(logits, x).numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, dtype):
+@pytest.mark.parametrize("in_graph", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, in_graph, dtype):
     # x [3, ...] broadcast to logits [4, 3, ...]: ∂/∂x sums over the 4 draws.
     likelihood = BernoulliLikelihood()
     likelihood.build((5, 7, 1))
@@ -156,13 +157,15 @@ def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, 
             total = tf.reduce_sum(weights * log_prob(logits, x))
         return tape.gradient(total, [logits, x])
 
+    if in_graph:
+        gradients = tf.function(gradients)
     fused, reference = gradients(likelihood.fused_log_prob), gradients(likelihood.log_prob)
     ell = np.float64(tf.cast(logits, "float32").numpy())
     w = np.float64(weights.numpy())[..., None, None, None]
     expected_logits = w * (x.numpy() - 1 / (1 + np.exp(-ell)))  # x − sigmoid ℓ
     expected_x = np.sum(w * ell, axis=0)
     assert fused[0].dtype == logits.dtype and fused[1].shape == x.shape
-    tolerance = 1e-6 if dtype == "float32" else 1e-2
+    tolerance = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
     for got, want in [(fused[0], expected_logits), (fused[1], expected_x)]:
         got = tf.cast(got, "float32").numpy()
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
