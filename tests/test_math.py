@@ -141,9 +141,10 @@ def test_bernoulli_fused_log_prob_is_the_summed_log_likelihood(rng, in_graph, dt
     np.testing.assert_allclose(fused, likelihood.log_prob(logits, x).numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("in_graph", [False, True])
+# "xla": inside an XLA-compiled step, as under compile(jit_compile=True).
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, in_graph, dtype):
+def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, mode, dtype):
     # x [3, ...] broadcast to logits [4, 3, ...]: ∂/∂x sums over the 4 draws.
     likelihood = BernoulliLikelihood()
     likelihood.build((5, 7, 1))
@@ -157,8 +158,8 @@ def test_bernoulli_fused_log_prob_gradients_are_the_summed_log_likelihoods(rng, 
             total = tf.reduce_sum(weights * log_prob(logits, x))
         return tape.gradient(total, [logits, x])
 
-    if in_graph:
-        gradients = tf.function(gradients)
+    if mode != "eager":
+        gradients = tf.function(gradients, jit_compile=mode == "xla")
     fused, reference = gradients(likelihood.fused_log_prob), gradients(likelihood.log_prob)
     ell = np.float64(tf.cast(logits, "float32").numpy())
     w = np.float64(weights.numpy())[..., None, None, None]
