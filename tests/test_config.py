@@ -97,7 +97,7 @@ def test_the_model_config_validates_its_rules_once():
 
 def test_shipped_configs_are_valid_and_use_tfds_mnist():
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) == 13
+    assert len(configs) == 14
     for path in configs:
         config = RunConfig.load(path)
         assert config.data.data == "tfds:mnist", path
