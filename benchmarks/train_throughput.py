@@ -8,11 +8,13 @@
     plain Keras subclassed VAE written as the official Keras example writes it; PyTorch's
     mixed precision (bf16 autocast) runs too, beside keras_vae's bf16;
 (b) the official Keras example's convolutional VAE (latent 2): keras_vae vs plain Keras.
-Every contender trains the same number of examples per timed run, each in its own fresh
-process; the contenders take turns, ``--repeats`` processes each, and the medians, their
-ratios to the references, the last run's mean training loss (nats per example) and the
-achieved FLOP/s as a fraction of this machine's measured float32 matmul peak are printed. The
-first epoch of each process (tracing, XLA compilation) is not timed. Where TensorFlow sees
+Every contender trains epochs of the same examples, each in its own fresh process: 1 +
+``--runs`` epochs in one ``fit`` call (one loop for PyTorch), as a training run does, timing
+each epoch but the first (tracing, XLA compilation). The contenders take turns, ``--repeats``
+processes each, and the medians, their ratios to the references, the last epoch's mean
+training loss (nats per example) and the achieved FLOP/s as a fraction of this machine's
+measured float32 matmul peak are printed. Examples per epoch are a multiple of 128 × 16, so
+that every contender's epoch is whole batches and whole executions of 16 steps. Where TensorFlow sees
 a GPU, every contender trains on it, PyTorch's too. Data: ``--mnist`` (default
 ../shared/data/mnist.npz; grayscale in [0, 1], the Bernoulli log-likelihood as binary
 cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
@@ -37,6 +39,7 @@ from keras_vae import VAE, FusedAdam, networks
 from keras_vae.data import training_dataset
 
 BATCH = 128
+SPE = 16  # the steps per execution of the levers that use it
 BF16 = "mixed_bfloat16"
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist.npz"
 
@@ -108,29 +111,49 @@ def reference_conv():
 
 
 # ------------------------------------------------------------------ contenders
+class EpochTimes(keras.callbacks.Callback):
+    """The wall time of each epoch of a ``fit``, its last step's result included."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        float(logs["loss"])  # waits for the epoch's last step
+        self.times.append(time.perf_counter() - self.start)
+
+
 class KerasContender:
-    """A Keras model trained with fit on ``examples`` examples per timed run."""
+    """A Keras model trained with one ``fit`` over ``epochs`` epochs of ``examples``."""
 
     def __init__(
         self, name, model, x, examples, pipeline, optimizer=keras.optimizers.Adam, **compile_kwargs
     ):
-        self.name, self.model, self.x, self.examples = name, model, x, examples
+        self.name, self.model, self.x, self.examples = name, model, x[:examples], examples
         self.pipeline = pipeline
         model.compile(optimizer=optimizer(1e-3), **compile_kwargs)
-        self.epoch = 0
-        self.run()  # warm-up: tracing and compilation
 
-    def run(self):
-        x = self.x[: self.examples]
+    def train(self, epochs):
+        """Each epoch's wall time and the last epoch's mean loss."""
+        timer = EpochTimes()
         if self.pipeline:  # keras_vae's own stream: stateless shuffle per epoch, prefetch
-            data = training_dataset(x, BATCH, 0, False, self.epoch, self.epoch + 1)
+            data = training_dataset(self.x, BATCH, 0, False, 0, epochs)
             history = self.model.fit(
-                data, epochs=1, steps_per_epoch=-(-len(x) // BATCH), shuffle=False, verbose=0
+                data,
+                epochs=epochs,
+                steps_per_epoch=len(self.x) // BATCH,
+                shuffle=False,
+                verbose=0,
+                callbacks=[timer],
             )
         else:  # as the Keras example calls it: NumPy arrays
-            history = self.model.fit(x, epochs=1, batch_size=BATCH, verbose=0)
-        self.epoch += 1
-        return history.history["loss"][-1]
+            history = self.model.fit(
+                self.x, epochs=epochs, batch_size=BATCH, verbose=0, callbacks=[timer]
+            )
+        return timer.times, history.history["loss"][-1]
 
 
 class TorchContender:
@@ -173,9 +196,17 @@ class TorchContender:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
         self.x = torch.from_numpy(x[:examples].reshape(-1, 784)).to(device)
         self.examples, self.bf16 = examples, bf16
-        self.run()
 
-    def run(self):
+    def train(self, epochs):
+        """Each epoch's wall time and the last epoch's mean loss."""
+        times = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            loss = self.epoch()
+            times.append(time.perf_counter() - start)
+        return times, loss
+
+    def epoch(self):
         torch = self.torch
         total = 0.0
         for idx in torch.randperm(len(self.x), device=self.x.device).split(BATCH):
@@ -224,7 +255,7 @@ def ours(arch, dtype=None):
 
 
 # keras_vae alone and with each speed lever: (name, dtype policy, optimizer, compile arguments).
-SPE16 = {"steps_per_execution": 16}
+SPE16 = {"steps_per_execution": SPE}
 XLA = {"jit_compile": True}
 ADAM = keras.optimizers.Adam
 LEVERS = [
@@ -252,17 +283,12 @@ def make_contender(arch, name, x, examples):
 
 
 def child(arch, name, examples, runs, mnist=MNIST):
-    """Trains one contender in this (fresh) process and prints its median examples/s over
-    ``runs`` timed runs and its last mean training loss."""
+    """Trains one contender in this (fresh) process for 1 + ``runs`` epochs and prints its
+    median examples/s over the last ``runs`` epochs and its last epoch's mean loss."""
     with np.load(mnist) as data:
         x = (data["x_train"] / 255.0).astype("float32")[..., None]
-    contender = make_contender(arch, name, x, examples)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        loss = contender.run()
-        times.append(time.perf_counter() - start)
-    print(f"RESULT {examples / statistics.median(times)} {loss}")
+    times, loss = make_contender(arch, name, x, examples).train(1 + runs)
+    print(f"RESULT {examples / statistics.median(times[1:])} {loss}")
 
 
 def race(arch, title, references, args, peak, others=()):
@@ -298,8 +324,8 @@ def race(arch, title, references, args, peak, others=()):
             speed, losses[name] = map(float, out.stdout.split("RESULT")[-1].split())
             speeds[name].append(speed)
     print(
-        f"\n{title}: {examples} examples per run; median over {args.repeats} processes of "
-        f"each process's median of {args.runs} runs"
+        f"\n{title}: {examples} examples per epoch; median over {args.repeats} processes of "
+        f"each process's median of {args.runs} epochs after its first"
     )
     header = f"{'contender':<46}{'ex/s':>8}" + "".join(f"{'vs ' + r:>31}" for r in references)
     print(header + f"{'loss':>9}{'of peak':>9}")
@@ -314,14 +340,17 @@ def race(arch, title, references, args, peak, others=()):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="processes per contender")
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per process")
-    parser.add_argument("--mlp-examples", type=int, default=60000)
-    parser.add_argument("--conv-examples", type=int, default=12800)
+    parser.add_argument("--runs", type=int, default=2, help="timed epochs per process")
+    parser.add_argument("--mlp-examples", type=int, default=59392, help="examples per epoch")
+    parser.add_argument("--conv-examples", type=int, default=12288, help="examples per epoch")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--mnist", type=Path, default=MNIST, help="MNIST .npz file")
     parser.add_argument("--child", nargs=2, metavar=("ARCH", "NAME"), help=argparse.SUPPRESS)
     parser.add_argument("--examples", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for examples in (args.examples, args.mlp_examples, args.conv_examples):
+        if examples is not None and (examples <= 0 or examples % (BATCH * SPE)):
+            parser.error(f"examples per epoch must be a positive multiple of {BATCH * SPE}")
     for gpu in tf.config.list_physical_devices("GPU"):
         # Otherwise this process would hold the whole GPU while its children train.
         tf.config.experimental.set_memory_growth(gpu, True)
