@@ -14,10 +14,10 @@ each epoch but the first (tracing, XLA compilation). The contenders take turns, 
 processes each, and the medians, their ratios to the references, the last epoch's mean
 training loss (nats per example) and the achieved FLOP/s as a fraction of this machine's
 measured float32 matmul peak are printed. Examples per epoch are a multiple of 128 × 16, so
-that every contender's epoch is whole batches and whole executions of 16 steps. Where TensorFlow sees
-a GPU, every contender trains on it, PyTorch's too. Data: ``--mnist`` (default
-../shared/data/mnist.npz; grayscale in [0, 1], the Bernoulli log-likelihood as binary
-cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
+that every contender's epoch is whole batches and whole executions of 16 steps. Where
+TensorFlow sees a GPU, every contender trains on it, PyTorch's too. Data: ``--mnist``
+(default ../shared/data/mnist.npz; grayscale in [0, 1], the Bernoulli log-likelihood as
+binary cross-entropy, as in both examples). PyTorch is an optional benchmark dependency:
 pip install torch==2.13.0.
 """
 
@@ -132,8 +132,7 @@ class KerasContender:
     def __init__(
         self, name, model, x, examples, pipeline, optimizer=keras.optimizers.Adam, **compile_kwargs
     ):
-        self.name, self.model, self.x, self.examples = name, model, x[:examples], examples
-        self.pipeline = pipeline
+        self.name, self.model, self.x, self.pipeline = name, model, x[:examples], pipeline
         model.compile(optimizer=optimizer(1e-3), **compile_kwargs)
 
     def train(self, epochs):
@@ -195,7 +194,7 @@ class TorchContender:
         self.net = Net().to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
         self.x = torch.from_numpy(x[:examples].reshape(-1, 784)).to(device)
-        self.examples, self.bf16 = examples, bf16
+        self.bf16 = bf16
 
     def train(self, epochs):
         """Each epoch's wall time and the last epoch's mean loss."""
